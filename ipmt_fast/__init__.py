@@ -1,0 +1,1 @@
+"""ipmt-fast: fast, faithful IPMT."""

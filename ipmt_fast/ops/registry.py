@@ -1,0 +1,131 @@
+"""Backend registry for the fused ops.
+
+Every hot path of IPMT is an *op* (``masked_prototype_attention``, ``prototype_mask_logits``,
+``prototype_query_update``, ``ms_deform_sample``) with interchangeable *backends*:
+
+``reference``
+    A literal, naive PyTorch transcription of the published math: the oracle.
+``torch``
+    The algebraically fused form in plain PyTorch ops (autograd differentiates it); any device.
+``triton``
+    Triton kernels (``ipmt_fast.kernels``). On CUDA tensors, or on the CPU when the
+    ``TRITON_INTERPRET=1`` environment variable was set before ``triton`` was imported.
+``compiled``
+    The C++ (CPU, OpenMP) / CUDA sources in ``csrc/``, built on first use with ninja.
+
+A backend asked for by name fails loudly when it cannot serve the tensors it is given.
+``auto`` walks a per-device preference list and takes the first backend that is registered for
+the op and available; when a preferred backend fails to *become* available (e.g. its extension
+cannot build) it warns once and falls back to the next one.
+
+A model-wide backend name is applied per op by :func:`resolve_backend_name`: an op that has no
+implementation of that name uses the ``torch`` fused form instead (e.g. ``compiled`` exists only
+for ``ms_deform_sample``), so ``IPMT(backend="compiled")`` is meaningful for the whole model.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "compiled")
+
+# What `auto` tries, in order, per device type. The compiled extension leads on the CPU because
+# it is the only backend there that avoids the reference's large intermediates without Python
+# overhead; on CUDA the Triton kernels lead.
+AUTO_PREFERENCE = {
+    "cuda": ("triton", "compiled", "torch", "reference"),
+    "cpu": ("compiled", "torch", "reference"),
+}
+
+
+@dataclass
+class _Implementation:
+    fn: Callable
+    devices: tuple
+    # Returns None when usable, else a human-readable reason (checked lazily, once per device).
+    availability: Optional[Callable[[str], Optional[str]]] = None
+    _reasons: Dict[str, Optional[str]] = field(default_factory=dict)
+
+    def unavailable_reason(self, device_type: str) -> Optional[str]:
+        if device_type not in self.devices:
+            return f"it does not run on {device_type} tensors (runs on: {', '.join(self.devices)})"
+        if device_type not in self._reasons:
+            self._reasons[device_type] = self.availability(device_type) if self.availability else None
+        return self._reasons[device_type]
+
+
+_REGISTRY: Dict[str, Dict[str, _Implementation]] = {}
+_WARNED: set = set()
+
+
+def register(op: str, backend: str, fn: Callable, devices=("cpu", "cuda"), availability=None) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = _Implementation(fn, tuple(devices), availability)
+
+
+def triton_availability(device_type: str) -> Optional[str]:
+    """Why Triton kernels cannot run on ``device_type`` tensors here, or None if they can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the `triton` package is not installed (pip install triton)"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton runs on CPU tensors only in interpreter mode: set TRITON_INTERPRET=1 in the "
+                "environment before triton is first imported")
+    return None
+
+
+def registered_backends(op: str) -> tuple:
+    """The backend names registered for ``op``."""
+    return tuple(_REGISTRY[op])
+
+
+def resolve_backend_name(op: str, backend: str) -> str:
+    """Map a model-wide backend name to the one ``op`` uses (see module docstring)."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" or backend in _REGISTRY[op]:
+        return backend
+    return "torch"
+
+
+def get_implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` with ``backend`` on tensors of ``device``."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
+    impls = _REGISTRY[op]
+    device_type = torch.device(device).type
+    if backend != "auto":
+        if backend not in impls:
+            raise ValueError(f"op {op!r} has no {backend!r} backend; it has {tuple(impls)}")
+        reason = impls[backend].unavailable_reason(device_type)
+        if reason is not None:
+            raise RuntimeError(f"backend {backend!r} of {op!r} cannot run here: {reason}")
+        return impls[backend].fn
+    for name in AUTO_PREFERENCE.get(device_type, ("torch", "reference")):
+        impl = impls.get(name)
+        if impl is None:
+            continue
+        reason = impl.unavailable_reason(device_type)
+        if reason is None:
+            return impl.fn
+        key = (op, name, device_type)
+        # A backend that simply is not meant for this device is skipped silently; one that
+        # should have worked but did not (missing compiler, missing package) is reported once.
+        if device_type in impl.devices and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"{op}: backend {name!r} unavailable ({reason}); falling back", RuntimeWarning,
+                          stacklevel=3)
+    raise RuntimeError(f"no backend of {op!r} can run on {device_type} tensors")
+
+
+def selected_backend(op: str, backend: str, device) -> str:
+    """The backend name that ``get_implementation(op, backend, device)`` resolves to."""
+    fn = get_implementation(op, backend, device)
+    return next(name for name, impl in _REGISTRY[op].items() if impl.fn is fn)

@@ -1,0 +1,24 @@
+"""ipmt-fast: a faithful, fast IPMT (Intermediate Prototype Mining Transformer)."""
+import platform
+
+from setuptools import find_packages, setup
+
+# Triton ships wheels for Linux x86-64 and aarch64 only.
+TRITON = ["triton>=3.0"] if platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64") else []
+
+setup(
+    name="ipmt-fast",
+    version="0.1.0",
+    description="Fast, exact IPMT for few-shot semantic segmentation: fused Triton / C++ / CUDA ops",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["ipmt_fast", "ipmt_fast.*"]) + ["ipmt_fast.kernels", "ipmt_fast.csrc"],
+    # kernels/ and csrc/ live at the top of the checkout but install inside the package, so no
+    # top-level module named `kernels` is installed. The compiled backend builds csrc/ on first use.
+    package_dir={"ipmt_fast.kernels": "kernels", "ipmt_fast.csrc": "csrc"},
+    package_data={"ipmt_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+    install_requires=["torch>=2.1,<3", "numpy", "pillow", "pyyaml", "tqdm"] + TRITON,
+    extras_require={"test": ["pytest", "pytest-benchmark", "ninja"], "bench": ["matplotlib"]},
+    entry_points={"console_scripts": ["ipmt-fast=ipmt_fast.cli:main"]},
+)
