@@ -1,0 +1,149 @@
+"""Deep-stem ResNet-50/101 backbone with frozen batch norm and dilation (output stride 8).
+
+The layout is PFENet's ``resnet50_v2`` / ``resnet101_v2``: a three-conv stem (3->64->64->128),
+torchvision v1.5 bottlenecks (stride on the 3x3 conv), and layer3 / layer4 dilated by 2 / 4
+instead of strided. Every parameter is frozen. Module names follow the published checkpoints
+(``backbone.body.layer1.0.conv1.weight`` ...).
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import torch
+from torch import nn
+
+BN_EPS = 1e-5
+STEM_WIDTH = 128
+BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+EXPANSION = 4
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters (all buffers, no gradients)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of ordinary BatchNorm2d carry a counter this module has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + BN_EPS).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def _conv3x3(cin, cout, stride=1, dilation=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """torchvision v1.5 bottleneck: 1x1, 3x3 (stride, dilation), 1x1, residual."""
+
+    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * EXPANSION, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(planes * EXPANSION)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class DeepStemResNet(nn.Module):
+    """The ResNet body: stem, layer1..layer4; returns the layer2, layer3 and layer4 maps."""
+
+    def __init__(self, depth: int = 50):
+        super().__init__()
+        if depth not in BLOCKS:
+            raise ValueError(f"layers must be one of {sorted(BLOCKS)}, got {depth}")
+        self.conv1 = _conv3x3(3, 64, stride=2)
+        self.bn1 = FrozenBatchNorm2d(64)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(64, 64)
+        self.bn2 = FrozenBatchNorm2d(64)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = _conv3x3(64, STEM_WIDTH)
+        self.bn3 = FrozenBatchNorm2d(STEM_WIDTH)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self._inplanes, self._dilation = STEM_WIDTH, 1
+        blocks = BLOCKS[depth]
+        self.layer1 = self._make_layer(64, blocks[0])
+        self.layer2 = self._make_layer(128, blocks[1], stride=2)
+        self.layer3 = self._make_layer(256, blocks[2], stride=2, dilate=True)
+        self.layer4 = self._make_layer(512, blocks[3], stride=2, dilate=True)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, planes, count, stride=1, dilate=False):
+        # torchvision's rule: a dilated layer's first block keeps the previous dilation.
+        first_dilation = self._dilation
+        if dilate:
+            self._dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self._inplanes != planes * EXPANSION:
+            downsample = nn.Sequential(nn.Conv2d(self._inplanes, planes * EXPANSION, 1, stride=stride, bias=False),
+                                       FrozenBatchNorm2d(planes * EXPANSION))
+        layers = [Bottleneck(self._inplanes, planes, stride, first_dilation, downsample)]
+        self._inplanes = planes * EXPANSION
+        layers += [Bottleneck(self._inplanes, planes, dilation=self._dilation) for _ in range(1, count)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.maxpool(self.relu3(self.bn3(self.conv3(x))))
+        layer2 = self.layer2(self.layer1(x))
+        layer3 = self.layer3(layer2)
+        return layer2, layer3, self.layer4(layer3)
+
+
+class Backbone(nn.Module):
+    """Frozen deep-stem ResNet; ``body`` holds the weights under their published names."""
+
+    def __init__(self, depth: int = 50, weights: Union[str, os.PathLike, dict, None] = None):
+        super().__init__()
+        self.body = DeepStemResNet(depth)
+        if weights is not None:
+            load_backbone_weights(self.body, weights)
+        self.body.requires_grad_(False)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def load_backbone_weights(body: DeepStemResNet, weights) -> None:
+    """Load a PFENet-layout ImageNet checkpoint (``resnet50_v2.pth``) into ``body``.
+
+    Accepts a path or a state dict, optionally nested under ``state_dict`` and prefixed by
+    ``module.``; the classifier (``fc.*``) and batch-norm counters are dropped.
+    """
+    state = torch.load(weights, map_location="cpu", weights_only=True) if not isinstance(weights, dict) else weights
+    state = state.get("state_dict", state)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = set(body.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"backbone_weights do not match a deep-stem ResNet: missing {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    body.load_state_dict(state)

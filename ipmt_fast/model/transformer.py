@@ -1,0 +1,305 @@
+"""The IPMT transformer (published class ``CyCTransformer``, imported there as ``IPMTransformer``).
+
+Support side: a learned prototype mines the support tokens through masked prototype attention,
+L times. Query side: deformable self-attention over the query map, the prototype re-attends to
+the query tokens under the current mask, the prediction head emits mask logits (and the next
+mask), and the query is updated by the prototype-conditioned 1x1 conv plus a 3x3 residual.
+
+The hot paths go through ``ipmt_fast.ops``; the ``backend`` attribute chooses their
+implementation and never changes what is computed. Parameter names match the published
+checkpoints; the published code's never-used layer norms and FFNs are not created.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import masked_prototype_attention, ms_deform_sample, prototype_mask_logits, prototype_query_update
+from ..ops.registry import BACKENDS
+
+DROPOUT = 0.1
+FFN_EXPANSION = 3
+POS_TEMPERATURE = 10000
+POS_SCALE = 2 * math.pi
+POS_EPS = 1e-6
+# The published support-mask repair: a mask with no foreground gets its centre 2x2 set, one
+# with no background gets its four corners cleared, so attention never sees a uniform mask.
+REPAIR_HALF = 1
+LABEL_FOREGROUND = 1
+LABEL_PADDING = 255
+
+
+def check_backend_name(backend: str) -> str:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+class OpModule(nn.Module):
+    """A module whose forward calls ``ipmt_fast.ops``; ``backend`` picks their implementation."""
+
+    backend = "auto"
+
+
+class FFN(nn.Module):
+    """``x + Drop(Lin2(Drop(ReLU(Lin1(x)))))`` with bias-free linears (published ``FFN``)."""
+
+    def __init__(self, dims: int, hidden: int, dropout: float = DROPOUT):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(dims, hidden, bias=False), nn.ReLU(inplace=True), nn.Dropout(dropout)),
+            nn.Linear(hidden, dims, bias=False))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return x + self.dropout(self.layers(x))
+
+
+class MaskedPrototypeAttention(OpModule):
+    """Single-head attention from prototypes over masked tokens (``MyCrossAttention`` /
+    ``QSCrossAttention``). ``suffix`` reproduces the published names: ``q_fc``... on the support
+    side, ``q1_fc``... on the query side."""
+
+    def __init__(self, dim: int, dropout: float = DROPOUT, suffix: str = ""):
+        super().__init__()
+        self._names = tuple(f"{kind}{suffix}_fc" for kind in "qkv")
+        for name in self._names:
+            self.add_module(name, nn.Linear(dim, dim, bias=False))
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.attn_drop = nn.Dropout(dropout)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, prototype, tokens, token_mask):
+        b, m, _ = prototype.shape
+        attn_keep = None
+        if self.training and self.attn_drop.p > 0:
+            # Draw the attention-dropout mask here so every backend applies the same one.
+            attn_keep = self.attn_drop(prototype.new_ones(b, m, tokens.shape[1]))
+        q_fc, k_fc, v_fc = (getattr(self, name) for name in self._names)
+        out = masked_prototype_attention(prototype, tokens, token_mask, q_fc.weight, k_fc.weight, v_fc.weight,
+                                         self.proj.weight, attn_keep=attn_keep, backend=self.backend)
+        return self.proj_drop(out)
+
+
+class DeformableSelfAttention(OpModule):
+    """Deformable-DETR's multi-scale deformable attention (``MSDeformAttn``), sampling core via
+    ``ms_deform_sample``."""
+
+    def __init__(self, d_model: int, n_levels: int = 1, n_heads: int = 1, n_points: int = 9):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Offsets start on a ring (one direction per head, radius = point index + 1)."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, query, reference_points, values, spatial_shapes, level_start_index, padding_mask):
+        b, nq, _ = query.shape
+        value = self.value_proj(values).masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(b, values.shape[1], self.n_heads, -1)
+        # Locations and weights stay in at least float32 even under autocast: a bf16 location in
+        # [0, 1] is only good to 1/256, a quarter pixel on a 60-wide map.
+        dtype = torch.promote_types(reference_points.dtype, torch.float32)
+        offsets = self.sampling_offsets(query).to(dtype).view(b, nq, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).to(dtype).view(b, nq, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(b, nq, self.n_heads, self.n_levels, self.n_points)
+        normalizer = spatial_shapes.flip(-1).to(dtype)  # (W, H) per level
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = ms_deform_sample(value.to(dtype), spatial_shapes, level_start_index, locations, weights,
+                               backend=self.backend)
+        return self.output_proj(out)
+
+
+def sine_positional_encoding(padding: torch.Tensor, num_feats: int, dtype: torch.dtype) -> torch.Tensor:
+    """DETR's normalised sine encoding of a ``(B, h, w)`` padding mask -> ``(B, 2*num_feats, h, w)``
+    (y features, then x features)."""
+    valid = ~padding
+    y_embed = valid.cumsum(1, dtype=dtype)
+    x_embed = valid.cumsum(2, dtype=dtype)
+    y_embed = y_embed / (y_embed[:, -1:, :] + POS_EPS) * POS_SCALE
+    x_embed = x_embed / (x_embed[:, :, -1:] + POS_EPS) * POS_SCALE
+    dim_t = torch.arange(num_feats, dtype=dtype, device=padding.device)
+    dim_t = POS_TEMPERATURE ** (2 * (dim_t // 2) / num_feats)
+    pos_x, pos_y = x_embed[..., None] / dim_t, y_embed[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def pixel_centre_points(h: int, w: int, dtype, device) -> torch.Tensor:
+    """Pixel centres normalised to [0, 1], ``(1, h*w, 1, 2)`` as ``(x, y)``."""
+    ys = torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device) / h
+    xs = torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device) / w
+    ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1)[None, :, None, :]
+
+
+def repair_support_mask(fg: torch.Tensor) -> torch.Tensor:
+    """Per ``(h, w)`` map: no foreground -> centre 2x2 set; all foreground -> corners cleared."""
+    fg = fg.clone()
+    h, w = fg.shape[-2:]
+    empty = ~fg.flatten(-2).any(-1)
+    rows, cols = slice(h // 2 - REPAIR_HALF, h // 2 + REPAIR_HALF), slice(w // 2 - REPAIR_HALF, w // 2 + REPAIR_HALF)
+    centre = fg[..., rows, cols]
+    fg[..., rows, cols] = centre | empty[..., None, None]
+    full = fg.flatten(-2).all(-1)
+    for r, c in ((0, 0), (-1, -1), (0, -1), (-1, 0)):
+        fg[..., r, c] = fg[..., r, c] & ~full
+    return fg
+
+
+def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(B, h*w, C)`` tokens as a ``(B, C, h, w)`` channels-last view (no copy)."""
+    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(fmap: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` map to ``(B, h*w, C)`` tokens (a view when the map is channels-last)."""
+    return fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])
+
+
+class IPMTransformer(OpModule):
+    """The IPMT transformer.
+
+    Args:
+        embed_dims: token width C.
+        num_layers: L, mining / activation layers (>= 1).
+        num_points: deformable sampling points.
+        shot: support images per episode.
+        backend: op backend (see ``ipmt_fast.ops.registry``).
+    """
+
+    def __init__(self, embed_dims: int = 384, num_heads: int = 1, num_layers: int = 5, num_levels: int = 1,
+                 num_points: int = 9, dropout: float = DROPOUT, shot: int = 1, backend: str = "auto"):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if num_levels != 1:
+            raise ValueError(f"IPMT's transformer uses one feature level, got num_levels={num_levels}")
+        self.embed_dims, self.num_layers, self.shot = embed_dims, num_layers, shot
+        c, hidden = embed_dims, embed_dims * FFN_EXPANSION
+        self.cross_layers = nn.ModuleList(MaskedPrototypeAttention(c, dropout) for _ in range(num_layers))
+        self.decoder_cross_attention_layers = nn.ModuleList(
+            MaskedPrototypeAttention(c, dropout, suffix="1") for _ in range(num_layers))
+        self.qry_self_layers = nn.ModuleList(
+            DeformableSelfAttention(c, num_levels, num_heads, num_points) for _ in range(num_layers))
+        # Support side uses norms 0..2L-1 and FFNs 0..L-1; query side norms 2L..4L-1, FFNs L..2L-1.
+        self.layer_norms = nn.ModuleList(nn.LayerNorm(c) for _ in range(4 * num_layers))
+        self.ffns = nn.ModuleList(FFN(c, hidden, dropout) for _ in range(2 * num_layers))
+        self.update_q = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * c, c, 1, bias=False), nn.ReLU(inplace=True)) for _ in range(num_layers - 1))
+        self.res_q = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+                          nn.Conv2d(c, c, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+            for _ in range(num_layers - 1))
+        self.level_embed = nn.Parameter(torch.empty(num_levels, c))
+        self.proj_drop = nn.Dropout(dropout)
+        self.mask_embed = FFN(c, c, dropout)
+        self.decoder_norm = nn.LayerNorm(c)
+        self.prototype = nn.Embedding(1, c)
+        self.backend = check_backend_name(backend)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The published initialisation: xavier for every linear (zero bias), then the
+        deformable layers' own reset, xavier for the level embedding."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.qry_self_layers:
+            m.reset_parameters()
+        nn.init.xavier_uniform_(self.level_embed)
+
+    def prediction_head(self, prototype, tokens):
+        """Mask logits ``(B, 1, N)`` of ``tokens`` and the next attention mask ``(B, N)``."""
+        embedding = self.mask_embed(self.decoder_norm(prototype))
+        logits, next_mask = prototype_mask_logits(embedding, tokens, backend=self.backend)
+        return logits, next_mask[:, 0]
+
+    def forward(self, x, qry_masks, s_x, supp_mask, init_mask):
+        """Run the transformer.
+
+        Args:
+            x: ``(B, C, h, w)`` query features (or a one-element list of them).
+            qry_masks: ``(B, H, W)`` query labels (only the 255 padding is read) or None.
+            s_x: ``(B*S, C, h, w)`` support features.
+            supp_mask: ``(B, S, H, W)`` support labels.
+            init_mask: ``(B, h, w)`` initial query mask (1 = foreground).
+
+        Returns:
+            ``([query feature map (B, C, h, w)], query mask logits (2L maps of (B, 1, h, w)),
+            support mask logits (L maps of (B, S, h, w)))``.
+        """
+        if isinstance(x, (list, tuple)):
+            if len(x) != 1:
+                raise ValueError(f"x must be one feature map (one level), got a list of {len(x)}")
+            x = x[0]
+        b, c, h, w = x.shape
+        shot = s_x.shape[0] // b
+        if s_x.shape != (b * shot, c, h, w) or supp_mask.shape[:2] != (b, shot):
+            raise ValueError(f"s_x must be (B*S, C, h, w) = ({b}*S, {c}, {h}, {w}) and supp_mask (B, S, H, W); "
+                             f"got s_x {tuple(s_x.shape)}, supp_mask {tuple(supp_mask.shape)}")
+        L = self.num_layers
+        if qry_masks is None:
+            padding = torch.zeros(b, h, w, dtype=torch.bool, device=x.device)
+        else:
+            padding = F.interpolate(qry_masks.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0] == LABEL_PADDING
+        # Position features and reference points in at least float32, whatever the autocast dtype.
+        coord_dtype = torch.promote_types(x.dtype, torch.float32)
+        pos = sine_positional_encoding(padding, c // 2, coord_dtype).flatten(2).transpose(1, 2) + self.level_embed[0]
+        padding = padding.flatten(1)
+        support_labels = F.interpolate(supp_mask.float(), size=(h, w), mode="nearest")
+        support_fg = repair_support_mask(support_labels == LABEL_FOREGROUND).flatten(1)  # shots along tokens
+        support = s_x.view(b, shot, c, h * w).transpose(2, 3).reshape(b, shot * h * w, c)
+        query = map_to_tokens(x)
+        spatial_shapes = torch.tensor([[h, w]], dtype=torch.long, device=x.device)
+        level_start_index = spatial_shapes.new_zeros(1)
+        reference_points = pixel_centre_points(h, w, coord_dtype, x.device)
+
+        query_logits, support_logits, mined = [], [], []
+        prototype = self.prototype.weight.unsqueeze(0).expand(b, 1, c)
+        for l in range(L):
+            prototype = self.layer_norms[2 * l](prototype + self.cross_layers[l](prototype, support, support_fg))
+            prototype = self.layer_norms[2 * l + 1](self.ffns[l](prototype))
+            mined.append(prototype)
+            query_logits.append(self.prediction_head(prototype, query)[0].view(b, 1, h, w))
+
+        attn_mask = init_mask.flatten(1) == LABEL_FOREGROUND
+        for l in range(L):
+            attended = self.qry_self_layers[l](query + pos, reference_points, query, spatial_shapes,
+                                               level_start_index, padding)
+            query = self.layer_norms[2 * L + 2 * l](query + self.proj_drop(attended))
+            query = self.layer_norms[2 * L + 2 * l + 1](self.ffns[L + l](query))
+            prototype = mined[l] + self.decoder_cross_attention_layers[l](mined[l], query, attn_mask)
+            logits, attn_mask = self.prediction_head(prototype, query)
+            query_logits.append(logits.view(b, 1, h, w))
+            support_logits.append(self.prediction_head(prototype, support)[0].view(b, shot, h, w))
+            if l < L - 1:
+                query = prototype_query_update(query, prototype, self.update_q[l][0].weight, backend=self.backend)
+                qmap = tokens_to_map(query, h, w)
+                query = map_to_tokens(qmap + self.res_q[l](qmap))
+        return [tokens_to_map(query, h, w)], query_logits, support_logits
