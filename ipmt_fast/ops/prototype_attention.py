@@ -9,7 +9,21 @@ This is IPMT's ``MyCrossAttention`` (support side, ``cross_layers``) and ``QSCro
 with single-head attention, bias-free projections and ``scale = C ** -0.5``. The additive -10000
 (not -inf) is the published choice: an all-False mask row gives a plain softmax, never NaN.
 Dropout on ``a`` is given as an explicit ``attn_keep`` multiplier (0 or 1/(1-p), drawn by the
-model's ``nn.Dropout``) so every backend applies the same mask.
+model's ``nn.Dropout``) so every backend applies the same mask. ``attn_keep`` is a sampled mask:
+no backend returns a gradient for it (nor for ``token_mask``).
+
+Fused form (``torch`` and ``triton`` backends). Keys and values of the N tokens are never formed:
+with ``q' = (P Wq^T) Wk`` (one C-vector per prototype row) the logits are ``scale * T q'``, and
+``(sum_n a_n keep_n T_n) Wv^T Wo^T`` is the output, so the only work of size N x C is one pass over
+the tokens (the logits, then the weighted sum) instead of two (N, C) x (C, C) projections.
+
+Memory-traffic floor of the fused op, per call, with ``e`` bytes per element of the input dtype:
+forward reads the tokens and the mask and, when given, ``attn_keep``, and writes the output:
+``e*B*N*C + B*N + e_keep*B*M*N + e*B*M*C`` bytes (plus the (C, C) weights and (B, M, C) rows, which
+are small); backward reads the tokens, mask and keep once more and writes ``dT``:
+``2*e*B*N*C + B*N + e_keep*B*M*N`` bytes. The ``triton`` backend moves this plus span partials of
+``(C + 2) * 4`` bytes per row and span (a few percent at IPMT's sizes); the ``reference`` form
+also writes and reads two (B, N, C) projections and (B, M, N) attention maps.
 """
 from __future__ import annotations
 
@@ -44,6 +58,81 @@ def masked_prototype_attention_reference(prototype, tokens, token_mask, q_weight
 registry.register(OP_NAME, "reference", masked_prototype_attention_reference)
 
 
+def _fused_prototype_attention(softmax_pool, prototype, tokens, token_mask, q_weight, k_weight, v_weight,
+                               proj_weight, attn_keep, scale):
+    """The op with its token work delegated to ``softmax_pool(query_key, tokens, mask, keep, scale)``.
+
+    The (B, M, C) x (C, C) products around the pool are ordinary matmuls that autograd
+    differentiates (they give dP, dWq, dWk, dWv, dWo from dq' and dpooled).
+    """
+    scale = prototype.shape[-1] ** -0.5 if scale is None else scale
+    # q . (T_n Wk^T) = ((P Wq^T) Wk) . T_n: project the prototype, not the tokens.
+    query_key = (prototype @ q_weight.t()) @ k_weight
+    pooled = softmax_pool(query_key, tokens, token_mask, attn_keep, scale)
+    # sum_n w_n (T_n Wv^T) = (sum_n w_n T_n) Wv^T: the values are projected after pooling.
+    return (pooled @ v_weight.t()) @ proj_weight.t()
+
+
+def _softmax_pool_torch(query_key, tokens, token_mask, attn_keep, scale):
+    """``sum_n softmax_n(scale * q'.T_n + bias_n) keep_n T_n`` in plain PyTorch ops."""
+    bias = (~token_mask).to(query_key.dtype) * MASKED_LOGIT_BIAS
+    # A row with no allowed token has a uniform bias, i.e. a plain softmax: removing it there
+    # changes nothing in exact arithmetic and spares fp32/fp16 the rounding of logits near -10000.
+    bias = bias - bias.amax(dim=1, keepdim=True)
+    logits = torch.bmm(query_key, tokens.transpose(1, 2)) * scale + bias.unsqueeze(1)
+    attn = logits.softmax(dim=-1)
+    if attn_keep is not None:
+        attn = attn * attn_keep
+    return torch.bmm(attn, tokens)
+
+
+def masked_prototype_attention_torch(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight,
+                                     attn_keep=None, scale=None):
+    """Fused form in plain PyTorch ops (any device); autograd differentiates it."""
+    return _fused_prototype_attention(_softmax_pool_torch, prototype, tokens, token_mask, q_weight, k_weight,
+                                      v_weight, proj_weight, attn_keep, scale)
+
+
+class TritonSoftmaxPool(torch.autograd.Function):
+    """The triton backend's token work: one streaming pass forward, one backward (``ipmt_fast.kernels``).
+
+    Saves the per-row log-sum-exp (B, M), not the (B, M, N) attention. Returns gradients for
+    ``query_key`` and ``tokens`` only: ``token_mask`` is boolean and ``attn_keep`` a sampled mask.
+    """
+
+    @staticmethod
+    def forward(ctx, query_key, tokens, token_mask, attn_keep, scale):
+        from ..kernels import prototype_attention as kernels
+
+        pooled, lse = kernels.softmax_pool_forward(query_key, tokens, token_mask, attn_keep, scale,
+                                                   MASKED_LOGIT_BIAS)
+        ctx.save_for_backward(query_key, tokens, token_mask, attn_keep, pooled, lse)
+        ctx.scale = scale
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_pooled):
+        from ..kernels import prototype_attention as kernels
+
+        query_key, tokens, token_mask, attn_keep, pooled, lse = ctx.saved_tensors
+        grad_query_key, grad_tokens = kernels.softmax_pool_backward(
+            query_key, tokens, token_mask, attn_keep, ctx.scale, MASKED_LOGIT_BIAS, pooled, lse, grad_pooled,
+            need_grad_tokens=ctx.needs_input_grad[1])
+        return grad_query_key, grad_tokens, None, None, None
+
+
+def masked_prototype_attention_triton(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight,
+                                      attn_keep=None, scale=None):
+    """Fused form with the token pass in Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    return _fused_prototype_attention(TritonSoftmaxPool.apply, prototype, tokens, token_mask, q_weight, k_weight,
+                                      v_weight, proj_weight, attn_keep, scale)
+
+
+registry.register(OP_NAME, "torch", masked_prototype_attention_torch, devices=("cpu", "cuda"))
+registry.register(OP_NAME, "triton", masked_prototype_attention_triton, devices=("cpu", "cuda"),
+                  availability=registry.triton_availability)
+
+
 def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                                q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
                                proj_weight: torch.Tensor, attn_keep: Optional[torch.Tensor] = None,
@@ -52,10 +141,11 @@ def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, to
 
     Args:
         prototype: ``(B, M, C)`` query rows (the prototypes).
-        tokens: ``(B, N, C)`` tokens (for S shots, the shots concatenated along N).
+        tokens: ``(B, N, C)`` tokens, ``N >= 1`` (for S shots, the shots concatenated along N).
         token_mask: ``(B, N)`` bool, True where a token may be attended.
         q_weight, k_weight, v_weight, proj_weight: ``(C, C)`` ``nn.Linear`` weights (no bias).
-        attn_keep: optional ``(B, M, N)`` attention-dropout multiplier (0 or ``1/(1-p)``).
+        attn_keep: optional ``(B, M, N)`` attention-dropout multiplier (0 or ``1/(1-p)``); it gets
+            no gradient (it is a sampled mask).
         scale: logit scale, default ``C ** -0.5``.
         backend: ``auto``, ``reference``, ``torch`` or ``triton`` (see ``ipmt_fast.ops.registry``).
 
@@ -71,6 +161,8 @@ def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, to
     check_same_size("batch", prototype=b, tokens=tokens.shape[0], token_mask=token_mask.shape[0])
     check_same_size("channel", prototype=c, tokens=tokens.shape[2])
     check_same_size("token", tokens=n, token_mask=token_mask.shape[1])
+    if n == 0:
+        raise ValueError("tokens must hold at least one token (N >= 1): there is nothing to attend to")
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight), ("v_weight", v_weight),
                     ("proj_weight", proj_weight)):
         check_tensor(name, w, (c, c), device=device)
