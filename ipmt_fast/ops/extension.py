@@ -1,0 +1,142 @@
+"""Just-in-time build of the C++ / CUDA sources in ``csrc/`` (the ``compiled`` backend).
+
+The sources are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into the
+default torch extensions directory (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``),
+under a name keyed by a hash of the sources and build flags: a later process with the same sources
+loads the cached library without compiling. The CUDA kernels are compiled in only when PyTorch sees
+a GPU and a CUDA toolkit (``nvcc``) is found; otherwise the library serves CPU tensors only.
+
+A build that cannot happen (no C++ compiler, no ninja, a compile error) is not an exception at
+import time: :func:`unavailable_reason` returns a sentence naming what is missing, which the backend
+registry reports (``auto`` falls back with one warning; asking for ``compiled`` by name raises).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+EXTENSION_NAME = "ipmt_fast_ms_deform_sample"
+CPU_SOURCES = ("ms_deform_sample.cpp", "ms_deform_sample_cpu.cpp")
+CUDA_SOURCES = ("ms_deform_sample_cuda.cu",)
+HEADERS = ("ms_deform_sample.h", "ms_deform_sample_cuda.h")
+CXX_FLAGS = ("-O3", "-fopenmp")
+LD_FLAGS = ("-fopenmp",)
+CUDA_FLAGS = ("-O3",)
+# Defined when the CUDA kernels are compiled in; the binding guards its CUDA calls with it.
+CUDA_DEFINE = "-DIPMT_WITH_CUDA"
+# How much of a failed build's compiler output a reason quotes.
+BUILD_LOG_TAIL_CHARS = 2000
+
+_lock = threading.Lock()
+_module = None
+_build_error: Optional[str] = None
+
+
+class ExtensionUnavailableError(RuntimeError):
+    """The compiled extension cannot be built or loaded here; the message says why."""
+
+
+def source_dir() -> Path:
+    """The directory holding the C++/CUDA sources: package ``ipmt_fast.csrc`` (the checkout's ``csrc/``)."""
+    try:
+        import ipmt_fast.csrc as package
+
+        for location in package.__path__:
+            if (Path(location) / CPU_SOURCES[0]).is_file():
+                return Path(location)
+    except ImportError:
+        pass
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def cuda_toolkit_reason() -> Optional[str]:
+    """Why the CUDA kernels cannot be compiled in, or None if they can."""
+    if not torch.cuda.is_available():
+        return "PyTorch sees no CUDA device"
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None:
+        return "no CUDA toolkit found (install one or set CUDA_HOME so that $CUDA_HOME/bin/nvcc exists)"
+    if not (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return f"nvcc not found in CUDA_HOME={cuda_home} (expected {cuda_home}/bin/nvcc)"
+    return None
+
+
+def build_tools_reason() -> Optional[str]:
+    """Which build tool (C++ compiler, ninja) is missing, or None if both are present."""
+    from torch.utils import cpp_extension
+
+    missing = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"C++ compiler {compiler!r} not found (install g++/clang++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja not found on PATH (pip install ninja)")
+    return "; ".join(missing) or None
+
+
+def _build_name(sources, with_cuda: bool) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(sources) + [source_dir() / h for h in HEADERS]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(repr((CXX_FLAGS, LD_FLAGS, CUDA_FLAGS, with_cuda, torch.__version__)).encode())
+    return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    tools = build_tools_reason()
+    if tools is not None:
+        raise ExtensionUnavailableError(f"cannot build the C++ extension: {tools}")
+    directory = source_dir()
+    with_cuda = cuda_toolkit_reason() is None
+    sources = [directory / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    missing = [str(path) for path in sources if not path.is_file()]
+    if missing:
+        raise ExtensionUnavailableError(f"C++/CUDA sources not found: {', '.join(missing)}")
+    cflags = list(CXX_FLAGS) + ([CUDA_DEFINE] if with_cuda else [])
+    try:
+        return cpp_extension.load(
+            name=_build_name(sources, with_cuda), sources=[str(p) for p in sources],
+            extra_cflags=cflags, extra_cuda_cflags=list(CUDA_FLAGS) + [CUDA_DEFINE],
+            extra_ldflags=list(LD_FLAGS), extra_include_paths=[str(directory)], with_cuda=with_cuda, verbose=False)
+    except Exception as error:  # compiler errors arrive as RuntimeError / CalledProcessError
+        log = str(error)[-BUILD_LOG_TAIL_CHARS:]
+        raise ExtensionUnavailableError(f"building the C++ extension from {directory} failed: {log}") from error
+
+
+def load_extension():
+    """The compiled extension module, built on first use (once per process)."""
+    global _module, _build_error
+    with _lock:
+        if _module is None and _build_error is None:
+            try:
+                _module = _build()
+            except ExtensionUnavailableError as error:
+                _build_error = str(error)
+        if _module is None:
+            raise ExtensionUnavailableError(_build_error)
+        return _module
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    """Why the compiled kernels cannot run on ``device_type`` tensors, or None if they can.
+
+    Tries the build (once per process); this is the registry's availability callback.
+    """
+    try:
+        module = load_extension()
+    except ExtensionUnavailableError as error:
+        return str(error)
+    if device_type == "cuda" and not module.built_with_cuda():
+        return f"the C++ extension was built without CUDA kernels: {cuda_toolkit_reason()}"
+    return None
