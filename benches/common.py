@@ -1,0 +1,412 @@
+"""Timing, memory and output helpers shared by the benchmarks.
+
+Timing follows the usual rules for honest numbers: warm every variant up first (module load,
+Triton/inductor compilation, allocator growth), then time the variants *interleaved* round by
+round (so drift in clocks or background load hits all of them alike), many samples each, and
+report the median with its spread. On CUDA a sample is bracketed by CUDA events; a sample holds
+enough back-to-back calls to last ``min_sample_s`` so that event resolution does not matter.
+
+Memory: on CUDA the peak allocated bytes of one call above what was allocated before it; on
+every device the bytes of the tensors autograd saves for backward (unique storages, parameters
+and buffers excluded), and on the CPU the process's peak resident set during the call.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+MIB = 2 ** 20
+
+# When a benchmark's inputs are smaller than this many times the last-level cache, calls rotate
+# over several input sets so repeated calls do not measure a warm cache.
+CACHE_ROTATION_FACTOR = 2
+MAX_INPUT_SETS = 16
+# Assumed last-level cache when the machine does not say (bytes).
+DEFAULT_CACHE_BYTES = 32 * MIB
+# A timed sample holds at least this long a run of back-to-back calls (seconds), at most this many.
+DEFAULT_MIN_SAMPLE_S = 1e-3
+MAX_CALLS_PER_SAMPLE = 1000
+# Bytes copied when measuring device-to-device bandwidth.
+BANDWIDTH_PROBE_BYTES = 1 << 30
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def cpu_core_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def device_label(device: torch.device) -> str:
+    """A folder name for the machine, e.g. ``cpu-2core`` or ``cuda-NVIDIA-H100-80GB-HBM3``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+    return f"{device.type}-{cpu_core_count()}core"
+
+
+def results_dir(device: torch.device, out: Optional[str] = None) -> Path:
+    path = Path(out) if out else RESULTS_ROOT / device_label(device)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_CACHE_BYTES))
+    for index in (3, 2):
+        path = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size")
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": MIB, "G": 1024 * MIB}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    return DEFAULT_CACHE_BYTES
+
+
+def input_set_count(set_bytes: int, device: torch.device) -> int:
+    """How many distinct input sets to rotate over so successive calls miss the cache."""
+    needed = CACHE_ROTATION_FACTOR * last_level_cache_bytes(device)
+    if set_bytes >= needed:
+        return 1
+    return min(MAX_INPUT_SETS, math.ceil(needed / max(set_bytes, 1)))
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_PROBE_BYTES, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    stats = measure_interleaved({"copy": lambda: dst.copy_(src)}, device, warmup=3, repeats=repeats)
+    del src, dst
+    return 2 * nbytes / stats["copy"].median
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    """Seconds per call: median, quartiles and extremes over ``n`` samples."""
+    median: float
+    p25: float
+    p75: float
+    min: float
+    max: float
+    n: int
+    calls_per_sample: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float], calls_per_sample: int) -> "Stats":
+        ordered = sorted(samples)
+        if len(ordered) > 1:
+            p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
+        else:
+            p25 = p75 = ordered[0]
+        return cls(statistics.median(ordered), p25, p75, ordered[0], ordered[-1], len(ordered), calls_per_sample)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.p75 - self.p25) / self.median if self.median > 0 else float("nan")
+
+
+def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - begin) / calls
+
+
+def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
+                        repeats: int = 20, min_sample_s: float = DEFAULT_MIN_SAMPLE_S,
+                        failures: Optional[Dict[str, str]] = None, log: Callable[[str], None] = print
+                        ) -> Dict[str, Stats]:
+    """Time every variant: warm all up, then ``repeats`` rounds, each round one sample of each.
+
+    The order within a round rotates from round to round. A variant that raises during warm-up
+    is dropped, its reason stored in ``failures`` (and logged). Returns seconds per call.
+    """
+    failures = {} if failures is None else failures
+    calls: Dict[str, int] = {}
+    for name, fn in variants.items():
+        try:
+            for _ in range(max(warmup, 1)):
+                fn()
+            synchronize(device)
+            once = _time_calls(fn, 1, device)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is reported, not fatal
+            failures[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log(f"  skipping {name}: {failures[name]}")
+            continue
+        calls[name] = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / max(once, 1e-9))))
+    names = list(calls)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                samples[name].append(_time_calls(variants[name], calls[name], device))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: Stats.of(samples[name], calls[name]) for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor):
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+class SavedTensorBytes:
+    """Context manager counting the bytes autograd saves for backward inside it.
+
+    Each storage is counted once, whole (a saved view keeps its whole storage alive), and the
+    storages of ``excluded`` tensors (parameters, buffers) are not counted. Tensors a custom
+    ``autograd.Function`` keeps as plain ``ctx`` attributes instead of ``save_for_backward`` are
+    invisible here.
+    """
+
+    def __init__(self, excluded: Iterable[torch.Tensor] = ()):
+        self._excluded = {_storage_key(t) for t in excluded}
+        self._seen: Dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            key = _storage_key(t)
+            nbytes = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrapper subclasses)
+            key, nbytes = ("nostorage", id(t)), t.numel() * t.element_size()
+        if key not in self._excluded and key[-1] != 0:
+            self._seen[key] = nbytes
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    peak = _proc_status_bytes("VmHWM")
+    if peak is None:  # no /proc: ru_maxrss (KiB on Linux, bytes on macOS), not resettable
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return peak
+
+
+def measure_memory(fn: Callable[[], object], device: torch.device, excluded: Iterable[torch.Tensor] = ()) -> dict:
+    """Run ``fn`` once and report its memory.
+
+    Keys: ``saved_bytes`` (autograd's saved tensors, see :class:`SavedTensorBytes`); on CUDA
+    ``peak_bytes`` (peak allocated above the allocation before the call); on the CPU
+    ``peak_rss_bytes`` (process peak resident set during the call) and ``rss_rise_bytes`` (that
+    peak above the resident set before the call; the C allocator may reuse memory it already holds,
+    so this is a lower bound).
+    """
+    gc.collect()
+    synchronize(device)
+    saved = SavedTensorBytes(excluded)
+    result = {}
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with saved:
+            fn()
+        synchronize(device)
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    else:
+        rss_before = _proc_status_bytes("VmRSS") or 0
+        resettable = reset_peak_rss()
+        with saved:
+            fn()
+        peak = peak_rss_bytes()
+        result["peak_rss_bytes"] = peak
+        result["rss_rise_bytes"] = max(peak - rss_before, 0) if resettable else None
+    result["saved_bytes"] = saved.nbytes
+    gc.collect()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> dict:
+    info = {"device": device_label(device), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_cores": cpu_core_count(), "torch_threads": torch.get_num_threads(),
+            "processor": _cpu_model_name(), "platform": platform.platform()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
+                    l2_bytes=getattr(props, "L2_cache_size", None), cuda=torch.version.cuda)
+    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+    if device.type == "cuda":
+        info["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: record it
+        info["loadavg_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_metadata(device: torch.device, module: str) -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "-m", module] + sys.argv[1:]), "machine": machine_info(device)}
+
+
+def write_csv(rows: List[dict], path: Path) -> None:
+    keys: List[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(payload: dict, path: Path) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+
+
+def stats_fields(stats: Stats) -> dict:
+    """Stats as milliseconds, for rows."""
+    return {f"{k}_ms": v * 1e3 for k, v in asdict(stats).items() if k not in ("n", "calls_per_sample")} | {
+        "samples": stats.n, "calls_per_sample": stats.calls_per_sample}
+
+
+def fmt_ms(seconds_or_ms: Optional[float], already_ms: bool = True) -> str:
+    if seconds_or_ms is None or (isinstance(seconds_or_ms, float) and math.isnan(seconds_or_ms)):
+        return "-"
+    ms = seconds_or_ms if already_ms else seconds_or_ms * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def fmt_mib(nbytes: Optional[float]) -> str:
+    return "-" if nbytes is None else f"{nbytes / MIB:.1f}"
+
+
+def fmt_ratio(x: Optional[float]) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}x"
+
+
+def format_table(rows: List[dict], columns: Sequence[tuple]) -> str:
+    """Plain fixed-width table. ``columns``: ``(header, key_or_callable)`` pairs."""
+    cells = [[h for h, _ in columns]]
+    for row in rows:
+        cells.append([str(get(row) if callable(get) else row.get(get, "-")) for _, get in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def linear_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
+    """Least-squares slope of ys over xs (None with fewer than two distinct xs)."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    if len({x for x, _ in pairs}) < 2:
+        return None
+    mx = sum(x for x, _ in pairs) / len(pairs)
+    my = sum(y for _, y in pairs) / len(pairs)
+    return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
+
+
+def parse_int_list(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_str_list(text: str) -> List[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]

@@ -1,0 +1,399 @@
+"""Per-layer-count benchmark: the IPMT transformer alone (forward + backward) and the full
+network's training step (forward + backward + optimizer step), every backend side by side.
+
+    python -m benches.layers                                     # defaults sized for the device found
+    python -m benches.layers --bench transformer --layers 1,3,5,8 --batch 4 --dtypes bf16,fp32
+    python -m benches.layers --bench transformer --layers 5 --compile-layers 5   # + torch.compile(reference)
+
+For each layer count L one model is built (seeded, so every L starts from the same kind of
+weights) and every backend runs on that same model (``backend`` is switched between calls),
+interleaved round by round after warm-up. Backends: those of ``ipmt_fast.ops.registry.BACKENDS``
+that are registered for at least one op and can run on the device (the others are skipped with
+the reason); ``--compile-layers`` adds ``compile(reference)``, ``torch.compile`` of a copy of the
+transformer on the reference backend, at those layer counts (transformer bench only).
+
+dtype ``fp32`` runs plain float32; ``bf16`` runs the forward under ``torch.autocast`` with bfloat16
+(the backward outside it, as recommended). Inputs are random features / images with
+rectangular foreground masks and a band of 255 padding at the bottom of the query label.
+
+Memory per configuration (one extra call after timing): on CUDA the peak allocated bytes above
+what was allocated before the call; everywhere the bytes autograd saved for backward (unique
+storages, parameters and buffers excluded); on the CPU the process's peak resident set. The
+summary fits memory and time per layer (least-squares slope over L).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import ipmt_fast
+from ipmt_fast.ops import registry
+from ipmt_fast.model.transformer import IPMTransformer, OpModule
+
+from . import common
+
+BENCHES = ("transformer", "step")
+COMPILE_VARIANT = "compile(reference)"
+OUTPUT_STRIDE = 8
+LABEL_FOREGROUND, LABEL_PADDING = 1, 255
+# Fraction of the query label's rows at the bottom set to 255 (padding), as after a resize + pad.
+PADDED_ROW_FRACTION = 0.125
+SEED = 0
+# The published optimisers (IPMT_SPEC section 4): SGD outside the transformer, AdamW inside.
+SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.0025, 0.9, 1e-4
+ADAMW_LR, ADAMW_WEIGHT_DECAY = 1e-4, 1e-2
+
+DEFAULTS = {
+    # 2-core CPU: B=1, fp32, few layer counts and repeats.
+    "cpu": dict(layers="1,3,5", batch=1, dtypes="fp32", warmup=1, repeats=5, compile_layers=""),
+    "cuda": dict(layers="1,3,5,8", batch=4, dtypes="bf16,fp32", warmup=3, repeats=10, compile_layers=""),
+}
+
+
+def set_backend(module: torch.nn.Module, backend: str) -> None:
+    """Route every op of ``module`` through ``backend`` (the network's ``set_backend`` if it has one)."""
+    if hasattr(module, "set_backend"):
+        module.set_backend(backend)
+        return
+    for m in module.modules():
+        if isinstance(m, OpModule):
+            m.backend = backend
+
+
+def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None, log=print) -> List[str]:
+    """Model-wide backend names worth running on ``device``: registered for some op and able to
+    run there for every op that has it. ``reference`` first."""
+    ops = list(registry._REGISTRY)
+    chosen = []
+    for backend in wanted or registry.BACKENDS:
+        having = [op for op in ops if backend in registry.registered_backends(op)]
+        if not having:
+            log(f"# skipping backend {backend!r}: no op registers it")
+            continue
+        reasons = []
+        for op in having:
+            try:
+                registry.get_implementation(op, backend, device)
+            except (RuntimeError, ValueError) as exc:
+                reasons.append(str(exc))
+        if reasons:
+            log(f"# skipping backend {backend!r}: {reasons[0]}")
+            continue
+        chosen.append(backend)
+    return chosen
+
+
+def autocast_for(dtype_name: str, device: torch.device):
+    if dtype_name == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=common.DTYPES[dtype_name])
+
+
+def _random_span(size: int, generator: torch.Generator) -> slice:
+    """A random interval of at least a quarter of ``size``, starting in its first half."""
+    start = int(torch.randint(0, max(size // 2, 1), (1,), generator=generator))
+    length = int(torch.randint(max(size // 4, 1), size - start + 1, (1,), generator=generator))
+    return slice(start, start + length)
+
+
+def _rectangle_labels(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Labels ``(..., H, W)``: 0 background with one random foreground rectangle per map."""
+    *lead, height, width = shape
+    labels = torch.zeros(*lead, height, width)
+    for m in labels.view(-1, height, width):
+        m[_random_span(height, generator), _random_span(width, generator)] = LABEL_FOREGROUND
+    return labels.to(device)
+
+
+def _query_labels(b, height, width, generator, device) -> torch.Tensor:
+    labels = _rectangle_labels((b, height, width), generator, device)
+    labels[:, height - int(height * PADDED_ROW_FRACTION):] = LABEL_PADDING
+    return labels
+
+
+class TransformerBench:
+    """The transformer alone: forward, then backward of random gradients into every output."""
+
+    name = "transformer"
+
+    def __init__(self, num_layers, batch, shot, image_size, width, device):
+        torch.manual_seed(SEED)
+        self.device, self.num_layers = device, num_layers
+        self.model = IPMTransformer(embed_dims=width, num_layers=num_layers, shot=shot).to(device).train()
+        h = (image_size - 1) // OUTPUT_STRIDE + 1
+        g = torch.Generator().manual_seed(SEED)
+        self.x = torch.randn(batch, width, h, h, device=device, requires_grad=True)
+        self.s_x = torch.randn(batch * shot, width, h, h, device=device, requires_grad=True)
+        self.qry_labels = _query_labels(batch, image_size, image_size, g, device)
+        self.supp_labels = _rectangle_labels((batch, shot, image_size, image_size), g, device)
+        self.init_mask = _rectangle_labels((batch, h, h), g, device).long()
+        self.tokens = h * h
+        self._grads: Dict[str, List[torch.Tensor]] = {}
+
+    def parameters_and_buffers(self) -> List[torch.Tensor]:
+        return list(self.model.parameters()) + list(self.model.buffers())
+
+    def _outputs(self, module, autocast):
+        with autocast():
+            feats, query_logits, support_logits = module(self.x, self.qry_labels, self.s_x, self.supp_labels,
+                                                         self.init_mask)
+        return [feats[0], *query_logits, *support_logits]
+
+    def runner(self, backend: str, dtype_name: str, module: Optional[torch.nn.Module] = None) -> Callable[[], None]:
+        module = self.model if module is None else module
+        autocast = autocast_for(dtype_name, self.device)
+
+        def run():
+            if module is self.model:
+                set_backend(self.model, backend)
+            module.zero_grad(set_to_none=True)
+            self.x.grad = self.s_x.grad = None
+            outs = self._outputs(module, autocast)
+            if dtype_name not in self._grads:  # random output gradients, drawn once per dtype
+                self._grads[dtype_name] = [torch.randn_like(o) for o in outs]
+            grads = [g if g.dtype == o.dtype else g.to(o.dtype) for g, o in zip(self._grads[dtype_name], outs)]
+            torch.autograd.backward(outs, grads)
+        return run
+
+    def compiled_reference(self) -> torch.nn.Module:
+        clone = copy.deepcopy(self.model)
+        set_backend(clone, "reference")
+        return torch.compile(clone)
+
+
+class StepBench:
+    """The full network's training step: forward (losses), backward, SGD + AdamW steps."""
+
+    name = "step"
+
+    def __init__(self, num_layers, batch, shot, image_size, width, device, backbone_layers=50):
+        torch.manual_seed(SEED)
+        self.device, self.num_layers = device, num_layers
+        self.model = ipmt_fast.IPMT(layers=backbone_layers, shot=shot, reduce_dim=width, num_layers=num_layers,
+                                    backend="reference").to(device).train()
+        g = torch.Generator().manual_seed(SEED)
+        self.images = torch.randn(batch, 3, image_size, image_size, device=device)
+        self.supp_images = torch.randn(batch, shot, 3, image_size, image_size, device=device)
+        self.supp_labels = _rectangle_labels((batch, shot, image_size, image_size), g, device)
+        self.labels = _query_labels(batch, image_size, image_size, g, device)
+        self.tokens = ((image_size - 1) // OUTPUT_STRIDE + 1) ** 2
+        transformer = {id(p) for p in self.model.transformer.parameters()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizers = [
+            torch.optim.SGD([p for p in trainable if id(p) not in transformer], lr=SGD_LR, momentum=SGD_MOMENTUM,
+                            weight_decay=SGD_WEIGHT_DECAY),
+            torch.optim.AdamW([p for p in trainable if id(p) in transformer], lr=ADAMW_LR,
+                              weight_decay=ADAMW_WEIGHT_DECAY),
+        ]
+
+    def parameters_and_buffers(self) -> List[torch.Tensor]:
+        state = [t for opt in self.optimizers for s in opt.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor)]
+        return list(self.model.parameters()) + list(self.model.buffers()) + state
+
+    def runner(self, backend: str, dtype_name: str, module=None) -> Callable[[], None]:
+        autocast = autocast_for(dtype_name, self.device)
+
+        def run():
+            self.model.set_backend(backend)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            with autocast():
+                _, main_loss, aux_loss = self.model(self.images, self.supp_images, self.supp_labels, self.labels)
+            (main_loss + aux_loss).backward()
+            for opt in self.optimizers:
+                opt.step()
+        return run
+
+
+def bench_layer_count(bench, backends: List[str], dtype_name: str, with_compile: bool, args,
+                      device: torch.device, log=print) -> List[dict]:
+    variants = {b: bench.runner(b, dtype_name) for b in backends}
+    if with_compile:
+        variants[COMPILE_VARIANT] = bench.runner("reference", dtype_name, module=bench.compiled_reference())
+    failures: Dict[str, str] = {}
+    stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats, min_sample_s=0,
+                                       failures=failures, log=log)
+    base = dict(bench=bench.name, num_layers=bench.num_layers, dtype=dtype_name, batch=args.batch, shot=args.shot,
+                image_size=args.image_size, tokens=bench.tokens, width=args.width)
+    ref = stats.get("reference")
+    rows = []
+    for name, st in stats.items():
+        row = dict(base, variant=name, **common.stats_fields(st))
+        row["speedup_vs_reference"] = ref.median / st.median if ref else None
+        if not args.no_memory:
+            try:
+                row.update(common.measure_memory(variants[name], device, excluded=bench.parameters_and_buffers()))
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                row["memory_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        rows.append(row)
+    for name, reason in failures.items():
+        rows.append(dict(base, variant=name, error=reason))
+    return rows
+
+
+def _mem(row: dict) -> Optional[int]:
+    """The memory figure compared across backends: CUDA peak when measured, else saved bytes."""
+    return row.get("peak_bytes") if row.get("peak_bytes") is not None else row.get("saved_bytes")
+
+
+def per_layer_rows(rows: List[dict]) -> List[dict]:
+    """Least-squares slopes over L of time and memory, per bench, dtype and variant."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if r.get("median_ms") is not None:
+            groups.setdefault((r["bench"], r["dtype"], r["variant"]), []).append(r)
+    out = []
+    for (bench, dtype, variant), members in groups.items():
+        ls = [r["num_layers"] for r in members]
+        out.append(dict(bench=bench, dtype=dtype, variant=variant, layer_counts=",".join(map(str, sorted(ls))),
+                        ms_per_layer=common.linear_slope(ls, [r["median_ms"] for r in members]),
+                        saved_bytes_per_layer=common.linear_slope(ls, [r.get("saved_bytes") for r in members]),
+                        peak_bytes_per_layer=common.linear_slope(ls, [r.get("peak_bytes") for r in members])))
+    return out
+
+
+def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
+    """Every non-reference variant against the reference of the same configuration."""
+    refs = {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
+            if r["variant"] == "reference" and r.get("median_ms") is not None}
+    compiled = {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
+                if r["variant"] == COMPILE_VARIANT and r.get("median_ms") is not None}
+    out = []
+    for r in rows:
+        key = (r["bench"], r["dtype"], r["num_layers"])
+        if r["variant"] == "reference" or r.get("median_ms") is None or key not in refs:
+            continue
+        ref = refs[key]
+        row = dict(machine=device_label, bench=r["bench"], dtype=r["dtype"],
+                   shape=f"B{r['batch']} S{r['shot']} {r['image_size']}px L{r['num_layers']}", backend=r["variant"],
+                   ms=r["median_ms"], ref_ms=ref["median_ms"], speedup=ref["median_ms"] / r["median_ms"])
+        if key in compiled and r["variant"] != COMPILE_VARIANT:
+            row["vs_compile"] = compiled[key]["median_ms"] / r["median_ms"]
+        for field in ("saved_bytes", "peak_bytes", "rss_rise_bytes"):
+            if r.get(field) is not None and ref.get(field):
+                row[f"{field}_ratio"] = r[field] / ref[field]
+        out.append(row)
+    return out
+
+
+TABLE_COLUMNS = [
+    ("bench", "bench"), ("L", "num_layers"), ("dtype", "dtype"), ("variant", "variant"),
+    ("median ms", lambda r: common.fmt_ms(r.get("median_ms"))),
+    ("IQR %", lambda r: "-" if r.get("median_ms") is None else f"{100 * (r['p75_ms'] - r['p25_ms']) / r['median_ms']:.0f}"),
+    ("n", "samples"),
+    ("vs ref", lambda r: common.fmt_ratio(r.get("speedup_vs_reference"))),
+    ("saved MiB", lambda r: common.fmt_mib(r.get("saved_bytes"))),
+    ("peak MiB", lambda r: common.fmt_mib(r.get("peak_bytes"))),
+    ("peak RSS MiB", lambda r: common.fmt_mib(r.get("peak_rss_bytes"))),
+]
+SLOPE_COLUMNS = [
+    ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layer_counts"),
+    ("ms/layer", lambda r: common.fmt_ms(r["ms_per_layer"])),
+    ("saved MiB/layer", lambda r: common.fmt_mib(r["saved_bytes_per_layer"])),
+    ("peak MiB/layer", lambda r: common.fmt_mib(r["peak_bytes_per_layer"])),
+]
+RATIO_COLUMNS = [
+    ("machine", "machine"), ("bench", "bench"), ("dtype", "dtype"), ("shape", "shape"), ("backend", "backend"),
+    ("ms", lambda r: common.fmt_ms(r["ms"])), ("ref ms", lambda r: common.fmt_ms(r["ref_ms"])),
+    ("ref/fused", lambda r: common.fmt_ratio(r["speedup"])),
+    ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),
+    ("saved fused/ref", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
+    ("peak fused/ref", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}"),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benches.layers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bench", default=",".join(BENCHES), help="transformer, step (comma-separated)")
+    p.add_argument("--layers", help="comma-separated layer counts L")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=473, help="input side; tokens per map = ((size-1)/8+1)^2")
+    p.add_argument("--width", type=int, default=384, help="hidden width C (reduce_dim)")
+    p.add_argument("--backbone", type=int, default=50, choices=(50, 101), help="ResNet depth (step bench)")
+    p.add_argument("--dtypes", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--backends", help="comma-separated backend names (default: every runnable one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--compile-layers", help="layer counts at which to add torch.compile of the reference "
+                                            "(transformer bench; compile time is long)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", help="output folder (default benches/results/<device>/)")
+    p.add_argument("--tag", default="layers", help="file name stem of the outputs")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    device = common.resolve_device(args.device)
+    for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if (args.image_size - 1) % OUTPUT_STRIDE:
+        p.error(f"--image-size must satisfy (size - 1) % {OUTPUT_STRIDE} == 0 (e.g. 473, 233, 97)")
+    return args, device
+
+
+def main(argv=None) -> List[dict]:
+    args, device = parse_args(argv)
+    label = common.device_label(device)
+    out_dir = common.results_dir(device, args.out)
+    meta = common.run_metadata(device, "benches.layers")
+    print(f"# layers benchmark on {label}: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    backends = candidate_backends(device, common.parse_str_list(args.backends) if args.backends else None)
+    if not backends:
+        raise SystemExit("no backend can run here")
+    compile_at = set(common.parse_int_list(args.compile_layers))
+    rows: List[dict] = []
+
+    def save(rows):  # after every configuration, so a run cut short keeps what it measured
+        slopes, ratios = per_layer_rows(rows), ratio_rows(rows, label)
+        meta["finished"] = common.run_metadata(device, "benches.layers")["date"]
+        common.write_csv(rows, out_dir / f"{args.tag}.csv")
+        common.write_json({"meta": meta, "rows": rows, "per_layer": slopes, "ratios": ratios},
+                          out_dir / f"{args.tag}.json")
+        return slopes, ratios
+
+    for bench_name in common.parse_str_list(args.bench):
+        if bench_name not in BENCHES:
+            raise SystemExit(f"unknown bench {bench_name!r}; known: {BENCHES}")
+        for num_layers in common.parse_int_list(args.layers):
+            if bench_name == "transformer":
+                bench = TransformerBench(num_layers, args.batch, args.shot, args.image_size, args.width, device)
+            else:
+                bench = StepBench(num_layers, args.batch, args.shot, args.image_size, args.width, device,
+                                  args.backbone)
+            for dtype_name in common.parse_str_list(args.dtypes):
+                print(f"# {bench_name} L={num_layers} {dtype_name} B={args.batch} S={args.shot} "
+                      f"{args.image_size}px: {', '.join(backends)}", flush=True)
+                with_compile = bench_name == "transformer" and num_layers in compile_at
+                new = bench_layer_count(bench, backends, dtype_name, with_compile, args, device)
+                print(common.format_table([r for r in new if r.get("median_ms") is not None], TABLE_COLUMNS[3:]),
+                      flush=True)
+                rows.extend(new)
+                save(rows)
+            del bench
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    slopes, ratios = save(rows)
+    print("\n" + common.format_table([r for r in rows if r.get("median_ms") is not None], TABLE_COLUMNS))
+    for r in rows:
+        if r.get("error"):
+            print(f"# {r['bench']} L={r['num_layers']} {r['dtype']} {r['variant']} failed: {r['error']}")
+    print("\n# per layer (least-squares slope over L)")
+    print(common.format_table(slopes, SLOPE_COLUMNS))
+    print("\n# fused / reference ratios (ref/fused: higher is faster; memory fused/ref: lower is better)")
+    print(common.format_table(ratios, RATIO_COLUMNS))
+    if not args.no_plot:
+        from . import plot
+        plot.plot_layers(rows, out_dir / f"{args.tag}.png", title=f"{label}  B={args.batch} S={args.shot} "
+                                                                   f"{args.image_size}px")
+    print(f"# wrote {out_dir}/{args.tag}.csv, .json" + ("" if args.no_plot else ", .png"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

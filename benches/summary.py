@@ -1,0 +1,123 @@
+"""Short summary of a results folder: the fused/reference ratios and where they stand against
+the project's targets (measured, not asserted).
+
+    python -m benches.summary benches/results/cpu-2core
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import common
+
+COMPILE_VARIANT = "compile(reference)"
+NON_FUSED = ("reference", COMPILE_VARIANT, "sdpa")
+TARGET_LAYERS = 5
+# Targets from the benchmark issue: (device kind, dtype, batch) -> thresholds.
+TRANSFORMER_TARGETS = {
+    "cpu": dict(dtype="fp32", batch=1, speedup=1.5, saved_ratio=0.40),
+    "cuda": dict(dtype="bf16", batch=4, speedup=2.5, vs_compile=1.5, peak_ratio=0.40),
+}
+# Each fused op within 2x of its memory-traffic floor (GPU only: the floor needs a bandwidth).
+OP_FLOOR_FRACTION = 0.5
+
+
+def _load(folder: Path, prefix: str) -> List[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{prefix}*.json"))]
+
+
+def _best_fused(rows: List[dict]) -> Optional[dict]:
+    fused = [r for r in rows if r["variant"] not in NON_FUSED and r.get("median_ms") is not None]
+    return min(fused, key=lambda r: r["median_ms"]) if fused else None
+
+
+def _verdict(value: Optional[float], threshold: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= threshold if higher_is_better else value <= threshold
+    return "met" if met else "MISSED"
+
+
+def transformer_targets(layer_runs: List[dict]) -> List[dict]:
+    rows = [r for run in layer_runs for r in run["rows"] if r.get("bench") == "transformer"]
+    if not rows:
+        return []
+    kind = "cuda" if rows[0].get("peak_bytes") is not None or "cuda" in layer_runs[0]["meta"]["machine"]["device"] \
+        else "cpu"
+    target = TRANSFORMER_TARGETS[kind]
+    config = [r for r in rows if r["num_layers"] == TARGET_LAYERS and r["dtype"] == target["dtype"]
+              and r["batch"] == target["batch"] and r.get("median_ms") is not None]
+    by_variant = {}
+    for r in config:  # several runs (e.g. a compile run): keep the one with a compile variant beside it
+        by_variant.setdefault(r["variant"], []).append(r)
+    shape = f"transformer fwd+bwd {target['dtype']} B={target['batch']} L={TARGET_LAYERS}"
+    out = []
+    for run_rows in ([r for r in config if r.get("_run") == i] for i in sorted({r.get("_run") for r in config})):
+        ref = next((r for r in run_rows if r["variant"] == "reference"), None)
+        best = _best_fused(run_rows)
+        if ref is None or best is None:
+            continue
+        compiled = next((r for r in run_rows if r["variant"] == COMPILE_VARIANT), None)
+        speedup = ref["median_ms"] / best["median_ms"]
+        out.append(dict(what=f"{shape}: ref/{best['variant']} time", target=f">= {target['speedup']}x",
+                        measured=f"{speedup:.2f}x", verdict=_verdict(speedup, target["speedup"], True)))
+        if "vs_compile" in target and compiled is not None:
+            vs = compiled["median_ms"] / best["median_ms"]
+            out.append(dict(what=f"{shape}: compile(ref)/{best['variant']} time", target=f">= {target['vs_compile']}x",
+                            measured=f"{vs:.2f}x", verdict=_verdict(vs, target["vs_compile"], True)))
+        for field, key in (("saved_bytes", "saved_ratio"), ("peak_bytes", "peak_ratio")):
+            if key in target and best.get(field) is not None and ref.get(field):
+                ratio = best[field] / ref[field]
+                out.append(dict(what=f"{shape}: {field.replace('_', ' ')} {best['variant']}/ref",
+                                target=f"<= {target[key]:.2f}", measured=f"{ratio:.2f}",
+                                verdict=_verdict(ratio, target[key], False)))
+    return out
+
+
+def op_targets(op_runs: List[dict]) -> List[dict]:
+    out = []
+    for run in op_runs:
+        for s in run.get("summary", []):
+            if s.get("of_floor") is None:
+                continue
+            out.append(dict(what=f"{s['op']} {s['mode']} {s['dtype']} {s['shape']} ({s['backend']}) of floor",
+                            target=f">= {OP_FLOOR_FRACTION:.2f}", measured=f"{s['of_floor']:.2f}",
+                            verdict=_verdict(s["of_floor"], OP_FLOOR_FRACTION, True)))
+    return out
+
+
+def main(argv=None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    folder = Path(args[0]) if args else common.RESULTS_ROOT
+    layer_runs, op_runs = _load(folder, "layers"), _load(folder, "ops")
+    for i, run in enumerate(layer_runs):
+        for r in run["rows"]:
+            r["_run"] = i
+    ratios = [r for run in layer_runs for r in run.get("ratios", [])]
+    if ratios:
+        print("# layer benches: fused / reference")
+        print(common.format_table(ratios, [
+            ("machine", "machine"), ("bench", "bench"), ("dtype", "dtype"), ("shape", "shape"), ("backend", "backend"),
+            ("ms", lambda r: common.fmt_ms(r["ms"])), ("ref/fused", lambda r: common.fmt_ratio(r["speedup"])),
+            ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),
+            ("saved f/r", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
+            ("peak f/r", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}")]))
+    op_summary = [s for run in op_runs for s in run.get("summary", [])]
+    if op_summary:
+        print("\n# op benches: fastest fused backend per configuration")
+        print(common.format_table(op_summary, [
+            ("op", "op"), ("mode", "mode"), ("dtype", "dtype"), ("shape", "shape"), ("backend", "backend"),
+            ("ms", lambda r: common.fmt_ms(r["fused_ms"])), ("ref/fused", lambda r: common.fmt_ratio(r["vs_reference"])),
+            ("compile/fused", lambda r: common.fmt_ratio(r.get(f"vs {COMPILE_VARIANT}"))),
+            ("sdpa/fused", lambda r: common.fmt_ratio(r.get("vs sdpa"))),
+            ("of floor", lambda r: "-" if r.get("of_floor") is None else f"{r['of_floor']:.2f}")]))
+    targets = transformer_targets(layer_runs) + op_targets(op_runs)
+    print("\n# targets (measured, not asserted)")
+    print(common.format_table(targets, [("what", "what"), ("target", "target"), ("measured", "measured"),
+                                        ("", "verdict")]) if targets else "(no result matches a target configuration)")
+
+
+if __name__ == "__main__":
+    main()

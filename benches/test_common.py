@@ -1,0 +1,43 @@
+"""Checks of the benchmark helpers themselves (quick; not part of the CI suite in tests/)."""
+from __future__ import annotations
+
+import torch
+
+from . import common
+
+
+def test_stats_quartiles():
+    stats = common.Stats.of([4.0, 1.0, 3.0, 2.0, 5.0], calls_per_sample=1)
+    assert (stats.median, stats.p25, stats.p75, stats.min, stats.max, stats.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+
+
+def test_saved_bytes_counts_unique_activation_storages():
+    weight = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64, requires_grad=True)
+    with common.SavedTensorBytes(excluded=[weight]) as saved:
+        h = x @ weight  # saves x (counted) and weight (excluded)
+        y = h.sin()  # saves h
+        (y * h).sum()  # saves y and h again (h counted once)
+    element = x.element_size()
+    assert saved.nbytes == (x.numel() + h.numel() + y.numel()) * element
+
+
+def test_measure_interleaved_reports_failures():
+    failures = {}
+
+    def broken():
+        raise RuntimeError("no such kernel")
+
+    stats = common.measure_interleaved({"ok": lambda: torch.ones(8).sum(), "broken": broken}, torch.device("cpu"),
+                                       warmup=1, repeats=3, failures=failures, log=lambda _: None)
+    assert set(stats) == {"ok"} and stats["ok"].n == 3
+    assert failures == {"broken": "RuntimeError: no such kernel"}
+
+
+def test_linear_slope():
+    assert common.linear_slope([1, 3, 5], [10, 30, 50]) == 10
+    assert common.linear_slope([5], [1]) is None
+
+
+def test_device_label_cpu():
+    assert common.device_label(torch.device("cpu")) == f"cpu-{common.cpu_core_count()}core"
