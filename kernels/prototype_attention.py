@@ -36,12 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-# A program holds a (BLOCK_M, BLOCK_N, BLOCK_C) fp32 product in registers: these element counts
-# keep that at 64 (forward) and 32 (backward, which also holds the dT tile) registers per thread
-# at NUM_WARPS warps.
+# A program holds BLOCK_M x BLOCK_N x BLOCK_C fp32 products in registers. At this many elements
+# and warps both kernels compile for sm_90 (C = 384, fp32 and bf16) to at most 128 registers per
+# thread without spills, so two programs share an SM; twice the tile needs 170-255 registers.
 NUM_WARPS = 8
-FORWARD_TILE_ELEMENTS = 16384
-BACKWARD_TILE_ELEMENTS = 8192
+TILE_ELEMENTS = 8192
 # Query rows handled per pass over the tokens (registers grow with it).
 MAX_BLOCK_M = 4
 MAX_BLOCK_N = 128
@@ -66,7 +65,7 @@ class TokenSplit:
 
 
 def plan_token_split(batch: int, rows: int, tokens: int, channels: int, device: torch.device,
-                     tile_elements: int, row_blocks_in_grid: bool, block_m: Optional[int] = None,
+                     row_blocks_in_grid: bool, block_m: Optional[int] = None,
                      block_n: Optional[int] = None, tokens_per_split: Optional[int] = None) -> TokenSplit:
     """Block sizes and span count for ``batch`` x ``rows`` queries over ``tokens`` tokens.
 
@@ -79,7 +78,7 @@ def plan_token_split(batch: int, rows: int, tokens: int, channels: int, device: 
     if block_m is None:
         block_m = min(triton.next_power_of_2(rows), MAX_BLOCK_M)
     if block_n is None:
-        fit = max(1, tile_elements // (block_m * block_c))
+        fit = max(1, TILE_ELEMENTS // (block_m * block_c))
         block_n = min(MAX_BLOCK_N, 1 << (fit.bit_length() - 1))
     if tokens_per_split is None:
         if device.type == "cuda":
@@ -111,10 +110,44 @@ def _load_token_block(tokens_ptr, mask_ptr, offs_n, n_valid, offs_c, c_valid, st
     return tokens, allowed
 
 
+# The three contractions of a (BLOCK_M, BLOCK_C) row tile, a (BLOCK_N, BLOCK_C) token tile and a
+# (BLOCK_M, BLOCK_N) weight tile. With one row (IPMT's case) they are written as 2-D products so
+# the token tile stays in the layout it was loaded in (a 3-D product moves it through shared
+# memory); summing over the size-1 row axis just drops that axis.
 @triton.jit
-def _block_logits(query, tokens, allowed, n_valid, scale, masked_bias):
+def _rows_dot_tokens(rows, tokens, BLOCK_M: tl.constexpr):
+    """sum_c rows[m, c] tokens[n, c] -> (BLOCK_M, BLOCK_N)."""
+    if BLOCK_M == 1:
+        out = tl.sum(tl.sum(rows, axis=0)[None, :] * tokens, axis=1)[None, :]
+    else:
+        out = tl.sum(rows[:, None, :] * tokens[None, :, :], axis=2)
+    return out
+
+
+@triton.jit
+def _weights_times_tokens(weights, tokens, BLOCK_M: tl.constexpr):
+    """sum_n weights[m, n] tokens[n, c] -> (BLOCK_M, BLOCK_C)."""
+    if BLOCK_M == 1:
+        out = tl.sum(tl.sum(weights, axis=0)[:, None] * tokens, axis=0)[None, :]
+    else:
+        out = tl.sum(weights[:, :, None] * tokens[None, :, :], axis=1)
+    return out
+
+
+@triton.jit
+def _weights_times_rows(weights, rows, BLOCK_M: tl.constexpr):
+    """sum_m weights[m, n] rows[m, c] -> (BLOCK_N, BLOCK_C)."""
+    if BLOCK_M == 1:
+        out = tl.sum(weights, axis=0)[:, None] * tl.sum(rows, axis=0)[None, :]
+    else:
+        out = tl.sum(weights[:, :, None] * rows[:, None, :], axis=0)
+    return out
+
+
+@triton.jit
+def _block_logits(query, tokens, allowed, n_valid, scale, masked_bias, BLOCK_M: tl.constexpr):
     """(BLOCK_M, BLOCK_N) logits of query rows against a token tile; -inf past the span."""
-    dots = tl.sum(query[:, None, :] * tokens[None, :, :], axis=2)
+    dots = _rows_dot_tokens(query, tokens, BLOCK_M)
     logits = dots * scale + tl.where(allowed, 0.0, masked_bias)[None, :]
     return tl.where(n_valid[None, :], logits, float("-inf"))
 
@@ -158,7 +191,7 @@ def _softmax_pool_partial_kernel(
         n_valid = offs_n < end
         tokens, allowed = _load_token_block(tokens_ptr, mask_ptr, offs_n, n_valid, offs_c, c_valid,
                                             stride_tn, stride_tc, stride_mn)
-        logits = _block_logits(query, tokens, allowed, n_valid, scale, masked_bias)
+        logits = _block_logits(query, tokens, allowed, n_valid, scale, masked_bias, BLOCK_M)
         # Every block holds at least one token of the span, so new_max is finite.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         rescale = tl.exp(row_max - new_max)
@@ -167,7 +200,7 @@ def _softmax_pool_partial_kernel(
         if HAS_KEEP:
             probs *= tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn,
                              mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
-        pooled = pooled * rescale[:, None] + tl.sum(probs[:, :, None] * tokens[None, :, :], axis=1)
+        pooled = pooled * rescale[:, None] + _weights_times_tokens(probs, tokens, BLOCK_M)
         row_max = new_max
 
     part = (pid_b * M + offs_m) * num_splits + pid_s
@@ -255,9 +288,9 @@ def _softmax_pool_backward_kernel(
             n_valid = offs_n < end
             tokens, allowed = _load_token_block(tokens_ptr, mask_ptr, offs_n, n_valid, offs_c, c_valid,
                                                 stride_tn, stride_tc, stride_mn)
-            logits = _block_logits(query, tokens, allowed, n_valid, scale, masked_bias)
+            logits = _block_logits(query, tokens, allowed, n_valid, scale, masked_bias, BLOCK_M)
             attn = tl.where(m_valid[:, None], tl.exp(logits - lse[:, None]), 0.0)
-            grad_weights = tl.sum(grad_pooled[:, None, :] * tokens[None, :, :], axis=2)
+            grad_weights = _rows_dot_tokens(grad_pooled, tokens, BLOCK_M)
             if HAS_KEEP:
                 keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn,
                                mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
@@ -267,10 +300,10 @@ def _softmax_pool_backward_kernel(
                 weights = attn
                 grad_attn = grad_weights
             grad_logits_scaled = scale * attn * (grad_attn - grad_dot_pooled[:, None])
-            grad_query += tl.sum(grad_logits_scaled[:, :, None] * tokens[None, :, :], axis=1)
+            grad_query += _weights_times_tokens(grad_logits_scaled, tokens, BLOCK_M)
             if STORE_GRAD_TOKENS:
-                grad_tokens = tl.sum(weights[:, :, None] * grad_pooled[:, None, :]
-                                     + grad_logits_scaled[:, :, None] * query[:, None, :], axis=0)
+                grad_tokens = (_weights_times_rows(weights, grad_pooled, BLOCK_M)
+                               + _weights_times_rows(grad_logits_scaled, query, BLOCK_M))
                 grad_tokens_ptrs = grad_tokens_ptr + offs_n[:, None] * stride_dtn + offs_c[None, :] * stride_dtc
                 tile_valid = n_valid[:, None] & c_valid[None, :]
                 # Later passes over rows add to what earlier passes wrote (the launcher gives an
@@ -303,7 +336,7 @@ def softmax_pool_forward(query: torch.Tensor, tokens: torch.Tensor, token_mask: 
     """
     batch, rows, channels = query.shape
     n = tokens.shape[1]
-    split = plan_token_split(batch, rows, n, channels, tokens.device, FORWARD_TILE_ELEMENTS, True,
+    split = plan_token_split(batch, rows, n, channels, tokens.device, True,
                              block_m, block_n, tokens_per_split)
     f32 = dict(device=tokens.device, dtype=torch.float32)
     part_max = torch.empty(batch, rows, split.num_splits, **f32)
@@ -341,7 +374,7 @@ def softmax_pool_backward(query: torch.Tensor, tokens: torch.Tensor, token_mask:
     """
     batch, rows, channels = query.shape
     n = tokens.shape[1]
-    split = plan_token_split(batch, rows, n, channels, tokens.device, BACKWARD_TILE_ELEMENTS, False,
+    split = plan_token_split(batch, rows, n, channels, tokens.device, False,
                              block_m, block_n, tokens_per_split)
     several_row_passes = rows > split.block_m
     grad_tokens = None

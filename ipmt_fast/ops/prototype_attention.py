@@ -9,8 +9,8 @@ This is IPMT's ``MyCrossAttention`` (support side, ``cross_layers``) and ``QSCro
 with single-head attention, bias-free projections and ``scale = C ** -0.5``. The additive -10000
 (not -inf) is the published choice: an all-False mask row gives a plain softmax, never NaN.
 Dropout on ``a`` is given as an explicit ``attn_keep`` multiplier (0 or 1/(1-p), drawn by the
-model's ``nn.Dropout``) so every backend applies the same mask. ``attn_keep`` is a sampled mask:
-no backend returns a gradient for it (nor for ``token_mask``).
+model's ``nn.Dropout``) so every backend applies the same mask. ``attn_keep`` is a sampled mask
+that needs no gradient: the ``triton`` backend returns none for it (nor for ``token_mask``).
 
 Fused form (``torch`` and ``triton`` backends). Keys and values of the N tokens are never formed:
 with ``q' = (P Wq^T) Wk`` (one C-vector per prototype row) the logits are ``scale * T q'``, and
@@ -144,8 +144,8 @@ def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, to
         tokens: ``(B, N, C)`` tokens, ``N >= 1`` (for S shots, the shots concatenated along N).
         token_mask: ``(B, N)`` bool, True where a token may be attended.
         q_weight, k_weight, v_weight, proj_weight: ``(C, C)`` ``nn.Linear`` weights (no bias).
-        attn_keep: optional ``(B, M, N)`` attention-dropout multiplier (0 or ``1/(1-p)``); it gets
-            no gradient (it is a sampled mask).
+        attn_keep: optional ``(B, M, N)`` attention-dropout multiplier (0 or ``1/(1-p)``); a
+            sampled mask, so the ``triton`` backend gives it no gradient.
         scale: logit scale, default ``C ** -0.5``.
         backend: ``auto``, ``reference``, ``torch`` or ``triton`` (see ``ipmt_fast.ops.registry``).
 

@@ -1,0 +1,362 @@
+"""masked_prototype_attention: every backend against the published reference form.
+
+The truth is the reference evaluated in float64 on the same (already rounded) inputs, so a
+backend's error is its own rounding only. Triton runs compiled on CUDA, and on the CPU in
+interpreter mode (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ipmt_fast.ops import registry
+from ipmt_fast.ops.prototype_attention import (MASKED_LOGIT_BIAS, OP_NAME, _softmax_pool_torch,
+                                               masked_prototype_attention, masked_prototype_attention_reference)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+triton_on_cpu = pytest.mark.skipif(registry.triton_availability("cpu") is not None,
+                                   reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (and triton)")
+TRITON_DEVICES = [pytest.param("cpu", marks=triton_on_cpu), pytest.param("cuda", marks=needs_cuda)]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+TOKENS_PER_SHOT = 23  # odd: never a multiple of a block
+CHANNELS = 16
+KEEP_PROBABILITY = 0.9  # attention dropout p = 0.1, as in IPMT
+MASK_KINDS = ("random", "all_false", "all_true", "one_row_all_false")
+GRADIENT_NAMES = ("prototype", "tokens", "q_weight", "k_weight", "v_weight", "proj_weight")
+
+FLOAT64_TOLERANCE = 1e-10
+FLOAT32_TOLERANCE = 1e-5
+# Norm-wise relative error allowed for half-precision inputs (fp32 accumulation inside): a few
+# unit roundoffs (fp16 2**-11, bf16 2**-8) compounded over the chain of projections.
+HALF_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def make_case(batch=2, rows=1, shots=1, mask_kind="random", with_keep=False, transposed_tokens=False,
+              channels=CHANNELS, tokens_per_shot=TOKENS_PER_SHOT, seed=0):
+    """Float64 CPU inputs of one call plus an upstream gradient for the output."""
+    gen = torch.Generator().manual_seed(seed)
+    n = shots * tokens_per_shot
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    # A transposed (B, C, N) map is how IPMT flattens feature maps into tokens.
+    tokens = randn(batch, channels, n).transpose(1, 2) if transposed_tokens else randn(batch, n, channels)
+    token_mask = torch.rand(batch, n, generator=gen) < 0.4
+    if mask_kind == "all_false":
+        token_mask[:] = False
+    elif mask_kind == "all_true":
+        token_mask[:] = True
+    elif mask_kind == "one_row_all_false":
+        token_mask[0] = False
+    keep = None
+    if with_keep:
+        keep = (torch.rand(batch, rows, n, generator=gen) < KEEP_PROBABILITY).double() / KEEP_PROBABILITY
+    return dict(prototype=randn(batch, rows, channels), tokens=tokens, token_mask=token_mask,
+                weights=[randn(channels, channels) / math.sqrt(channels) for _ in range(4)],
+                attn_keep=keep, grad_out=randn(batch, rows, channels))
+
+
+def rounded(case, dtype):
+    """The case with its float tensors rounded to ``dtype`` (strides kept)."""
+    out = dict(case)
+    for key in ("prototype", "tokens", "attn_keep", "grad_out"):
+        if case[key] is not None:
+            out[key] = case[key].to(dtype)
+    out["weights"] = [w.to(dtype) for w in case["weights"]]
+    return out
+
+
+def run(backend, case, dtype=torch.float64, device="cpu", tokens_need_grad=True):
+    """Output and gradients (prototype, tokens, q/k/v/proj weights) as float64 CPU tensors."""
+    def leaf(t, need_grad=True):
+        return t.to(device=device, dtype=dtype).requires_grad_(need_grad)
+
+    prototype = leaf(case["prototype"])
+    # .to() keeps the transposed layout of the tokens (it preserves strides of dense tensors).
+    tokens = leaf(case["tokens"], tokens_need_grad)
+    weights = [leaf(w) for w in case["weights"]]
+    keep = None if case["attn_keep"] is None else case["attn_keep"].to(device=device, dtype=dtype)
+    out = masked_prototype_attention(prototype, tokens, case["token_mask"].to(device), *weights, attn_keep=keep,
+                                     backend=backend)
+    assert out.dtype == dtype and out.device.type == device
+    out.backward(case["grad_out"].to(device=device, dtype=dtype))
+    leaves = [prototype, tokens, *weights]
+    grads = [None if t.grad is None else t.grad.double().cpu() for t in leaves]
+    return out.detach().double().cpu(), grads
+
+
+def truth(case, dtype):
+    """The reference in float64 on the case's inputs rounded to ``dtype``."""
+    return run("reference", rounded(case, dtype), torch.float64, "cpu")
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def assert_matches(actual, expected, tolerance):
+    out, grads = actual
+    want_out, want_grads = expected
+    assert relative_error(out, want_out) <= tolerance, "output"
+    for name, grad, want in zip(GRADIENT_NAMES, grads, want_grads):
+        if grad is None:  # an input that did not ask for a gradient
+            continue
+        err = relative_error(grad, want)
+        assert err <= tolerance, f"gradient of {name}: relative error {err:.3g} > {tolerance:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the fused algebra in plain PyTorch ops, exact in float64.
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("shots", [1, 3])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_torch_matches_reference_float64(device, mask_kind, rows, shots, with_keep):
+    case = make_case(rows=rows, shots=shots, mask_kind=mask_kind, with_keep=with_keep, seed=rows * 10 + shots)
+    assert_matches(run("torch", case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_non_contiguous_tokens_and_custom_scale(device):
+    case = make_case(rows=2, shots=3, with_keep=True, transposed_tokens=True)
+    scale = 0.37
+
+    def with_scale(backend, dev):
+        prototype = case["prototype"].to(dev)
+        return masked_prototype_attention(prototype, case["tokens"].to(dev), case["token_mask"].to(dev),
+                                          *[w.to(dev) for w in case["weights"]], attn_keep=case["attn_keep"].to(dev),
+                                          scale=scale, backend=backend).cpu()
+
+    assert relative_error(with_scale("torch", device), with_scale("reference", "cpu")) <= FLOAT64_TOLERANCE
+    assert_matches(run("torch", case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE)
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+@pytest.mark.parametrize("mask_kind", ["random", "all_false"])
+def test_torch_gradcheck(with_keep, mask_kind):
+    case = make_case(batch=2, rows=2, shots=1, tokens_per_shot=5, channels=4, mask_kind=mask_kind,
+                     with_keep=with_keep)
+    inputs = [t.clone().requires_grad_() for t in (case["prototype"], case["tokens"], *case["weights"])]
+
+    def fn(prototype, tokens, *weights):
+        return masked_prototype_attention(prototype, tokens, case["token_mask"], *weights,
+                                          attn_keep=case["attn_keep"], backend="torch")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend: the kernels, compiled on CUDA or interpreted on the CPU.
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("shots", [1, 3])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_triton_matches_reference_float32(device, mask_kind, rows, shots, with_keep):
+    case = make_case(rows=rows, shots=shots, mask_kind=mask_kind, with_keep=with_keep, seed=rows * 10 + shots)
+    assert_matches(run("triton", case, torch.float32, device), truth(case, torch.float32), FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_non_contiguous_tokens_without_token_gradient(device):
+    case = make_case(rows=2, shots=3, with_keep=True, transposed_tokens=True, mask_kind="one_row_all_false")
+    expected = truth(case, torch.float32)
+    assert_matches(run("triton", case, torch.float32, device), expected, FLOAT32_TOLERANCE)
+    out, grads = run("triton", case, torch.float32, device, tokens_need_grad=False)
+    assert grads[1] is None
+    assert_matches((out, grads), expected, FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_inputs(device, dtype):
+    case = make_case(rows=2, shots=3, with_keep=True)
+    assert_matches(run("triton", case, dtype, device), truth(case, dtype), HALF_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("overrides", [
+    dict(block_m=1),  # two passes over the tokens for two rows; dT accumulated in fp32
+    dict(block_n=4, tokens_per_split=8),  # several blocks per span and several spans
+    dict(block_m=1, block_n=4, tokens_per_split=12),
+])
+def test_triton_launchers_forced_blocks(device, overrides):
+    """The kernels' multi-pass, multi-block and multi-span paths against the torch pool."""
+    from ipmt_fast.kernels import prototype_attention as kernels
+
+    case = make_case(rows=3, shots=3, with_keep=True, transposed_tokens=True, mask_kind="one_row_all_false")
+    query = case["prototype"].to(device=device, dtype=torch.float32)
+    tokens = case["tokens"].to(device=device, dtype=torch.float32)
+    mask = case["token_mask"].to(device)
+    keep = case["attn_keep"].to(device=device, dtype=torch.float32)
+    scale = CHANNELS ** -0.5
+
+    pooled, lse = kernels.softmax_pool_forward(query, tokens, mask, keep, scale, MASKED_LOGIT_BIAS, **overrides)
+    grad_pooled = case["grad_out"].to(device=device, dtype=torch.float32)
+    grad_query, grad_tokens = kernels.softmax_pool_backward(
+        query, tokens, mask, keep, scale, MASKED_LOGIT_BIAS, pooled, lse, grad_pooled, **overrides)
+    grad_query_only, no_grad_tokens = kernels.softmax_pool_backward(
+        query, tokens, mask, keep, scale, MASKED_LOGIT_BIAS, pooled, lse, grad_pooled, need_grad_tokens=False,
+        **overrides)
+
+    query64 = query.double().cpu().requires_grad_()
+    tokens64 = tokens.double().cpu().requires_grad_()
+    expected = _softmax_pool_torch(query64, tokens64, case["token_mask"], keep.double().cpu(), scale)
+    expected.backward(grad_pooled.double().cpu())
+    bias = (~case["token_mask"]).double() * MASKED_LOGIT_BIAS
+    logits = scale * query64.detach() @ tokens64.detach().transpose(1, 2) + bias.unsqueeze(1)
+    # The kernels drop the bias of rows with no allowed token (shift invariance); lse follows that.
+    expected_lse = torch.logsumexp(logits - bias.amax(dim=1)[:, None, None], dim=-1)
+
+    assert relative_error(pooled.double().cpu(), expected.detach()) <= FLOAT32_TOLERANCE
+    assert relative_error(lse.double().cpu(), expected_lse) <= FLOAT32_TOLERANCE
+    assert relative_error(grad_query.double().cpu(), query64.grad) <= FLOAT32_TOLERANCE
+    assert relative_error(grad_tokens.double().cpu(), tokens64.grad) <= FLOAT32_TOLERANCE
+    assert no_grad_tokens is None
+    assert torch.equal(grad_query_only, grad_query)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shots", [1, 5])
+def test_triton_cuda_ipmt_sizes(dtype, shots):
+    """IPMT's sizes (60 x 60 tokens per shot, C = 384, one prototype) with dropout, on the GPU."""
+    case = make_case(batch=4, rows=1, shots=shots, tokens_per_shot=3600, channels=384, with_keep=True,
+                     transposed_tokens=True, mask_kind="one_row_all_false")
+    tolerance = FLOAT32_TOLERANCE if dtype == torch.float32 else HALF_TOLERANCE[dtype]
+    reference = run("reference", rounded(case, dtype), torch.float64, "cuda")
+    assert_matches(run("triton", case, dtype, "cuda"), reference, tolerance)
+
+
+# The interpreter accepts programs the GPU compiler rejects: compile the kernels for sm_90 here,
+# specialised as the JIT would specialise them for IPMT's launches (C = 384, N = 3600). Runs in a
+# subprocess because `triton.jit` yields interpreted functions once TRITON_INTERPRET=1 is set.
+SM90_COMPILE_PROGRAM = r"""
+import os, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ipmt_fast.kernels import prototype_attention as kernels
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8"}
+DIVISIBLE = [["tt.divisibility", 16]]
+launches = []
+
+class Record:
+    def __init__(self, fn):
+        self.fn = fn
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+for name in ("_softmax_pool_partial_kernel", "_softmax_pool_combine_kernel", "_softmax_pool_backward_kernel"):
+    setattr(kernels, name, Record(getattr(kernels, name)))
+# (dtype, prototype rows, tokens as a transposed (B, C, N) map, as IPMT flattens feature maps)
+for dtype, rows, transposed in ((torch.float32, 1, False), (torch.float32, 1, True), (torch.bfloat16, 1, True),
+                                (torch.float16, 2, False)):
+    b, n, c = 4, 3600, 384
+    query, grad = torch.randn(b, rows, c, dtype=dtype), torch.randn(b, rows, c, dtype=dtype)
+    tokens = torch.randn(b, c, n, dtype=dtype).transpose(1, 2) if transposed else torch.randn(b, n, c, dtype=dtype)
+    mask = torch.rand(b, n) < 0.5
+    keep, lse = torch.ones(b, rows, n, dtype=dtype), torch.zeros(b, rows)
+    kernels.softmax_pool_forward(query, tokens, mask, keep, 0.05, -1e4, tokens_per_split=32)
+    kernels.softmax_pool_backward(query, tokens, mask, keep, 0.05, -1e4, grad, lse, grad, tokens_per_split=32)
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for fn, args, kwargs in launches:
+    names = fn.arg_names
+    values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+            attrs[(i,)] = DIVISIBLE
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif fn.params[i].is_constexpr or value == 1:
+            signature[name], constexprs[(i,)] = "constexpr", value
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = DIVISIBLE
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=kwargs["num_warps"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    print(fn.__name__, {name: values[name] for (i,), _ in constexprs.items() for name in [names[i]]},
+          usage.strip().splitlines()[-1].strip())
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Every kernel and specialisation IPMT launches compiles to sm_90 code (no GPU needed)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SM90_COMPILE_PROGRAM], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    assert result.stdout.count("REG:") == 12  # 3 launches (partial, combine, backward) x 4 specialisations
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and backend errors.
+
+def _bad(**changes):
+    case = make_case(rows=2, with_keep=True)
+    args = dict(prototype=case["prototype"], tokens=case["tokens"], token_mask=case["token_mask"],
+                q_weight=case["weights"][0], k_weight=case["weights"][1], v_weight=case["weights"][2],
+                proj_weight=case["weights"][3], attn_keep=case["attn_keep"])
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("args, name", [
+    (_bad(prototype=torch.zeros(2, CHANNELS, dtype=torch.float64)), "prototype"),
+    (_bad(tokens=torch.zeros(2, TOKENS_PER_SHOT, CHANNELS, dtype=torch.float32)), "tokens"),
+    (_bad(tokens=torch.zeros(2, TOKENS_PER_SHOT, CHANNELS + 1, dtype=torch.float64)), "tokens"),
+    (_bad(tokens=torch.zeros(2, 0, CHANNELS, dtype=torch.float64), token_mask=torch.zeros(2, 0, dtype=torch.bool),
+          attn_keep=None), "tokens"),
+    (_bad(token_mask=torch.ones(2, TOKENS_PER_SHOT)), "token_mask"),
+    (_bad(token_mask=torch.ones(2, TOKENS_PER_SHOT + 1, dtype=torch.bool)), "token_mask"),
+    (_bad(k_weight=torch.zeros(CHANNELS, CHANNELS + 1, dtype=torch.float64)), "k_weight"),
+    (_bad(proj_weight=torch.zeros(CHANNELS, dtype=torch.float64)), "proj_weight"),
+    (_bad(attn_keep=torch.ones(2, 2, TOKENS_PER_SHOT + 1, dtype=torch.float64)), "attn_keep"),
+])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bad_arguments_raise_value_error_naming_them(args, name, backend):
+    with pytest.raises(ValueError, match=name):
+        masked_prototype_attention(**args, backend=backend)
+
+
+def test_both_fused_backends_registered():
+    assert {"reference", "torch", "triton"} <= set(registry.registered_backends(OP_NAME))
+    assert registry.selected_backend(OP_NAME, "torch", torch.device("cpu")) == "torch"
+
+
+def test_named_triton_on_cpu_without_interpreter_fails_clearly():
+    """Outside interpreter mode a named triton backend refuses CPU tensors and says what to set."""
+    program = (
+        "import torch\n"
+        "from ipmt_fast.ops import masked_prototype_attention\n"
+        "w = torch.eye(4)\n"
+        "try:\n"
+        "    masked_prototype_attention(torch.ones(1, 1, 4), torch.ones(1, 3, 4), torch.ones(1, 3, dtype=torch.bool),"
+        " w, w, w, w, backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout and "triton" in result.stdout
