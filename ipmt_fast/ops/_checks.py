@@ -34,3 +34,26 @@ def check_same_size(what: str, **sizes: int) -> None:
     if len(values) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
         raise ValueError(f"{what} sizes must agree: {detail}")
+
+
+def autocast_dtype(device: torch.device):
+    """The autocast dtype active for ``device``'s type, or None when autocast is off there.
+
+    Under autocast the ops follow ``nn.Linear``: floating inputs are cast to the autocast dtype
+    and the op itself runs with autocast disabled (fused backends accumulate in float32).
+    """
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def run_under_autocast_policy(fn, device, *args):
+    """Call ``fn(*args)``; under autocast, with float tensors cast to the autocast dtype and
+    autocast disabled inside (see :func:`autocast_dtype`)."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return fn(*args)
+    cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    with torch.autocast(torch.device(device).type, enabled=False):
+        return fn(*cast)
