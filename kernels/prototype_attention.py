@@ -29,6 +29,7 @@ tokens; more rows take more passes.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,8 +45,8 @@ TILE_ELEMENTS = 8192
 # Query rows handled per pass over the tokens (registers grow with it).
 MAX_BLOCK_M = 4
 MAX_BLOCK_N = 128
-# Span partials cost (C + 2) fp32 per row and span, so spans are no shorter than one block;
-# enough spans to give every SM a few programs hides memory latency.
+# Enough spans to give every SM a few programs (hides memory latency); each span costs (C + 2)
+# fp32 of partials per row, so a span is never shorter than one block.
 PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another: a few spans still exercise the combine step.
 INTERPRETER_PROGRAMS = 8
@@ -62,6 +63,12 @@ class TokenSplit:
     block_c: int
     tokens_per_split: int
     num_splits: int
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if device_index is None
+                                            else device_index).multi_processor_count
 
 
 def plan_token_split(batch: int, rows: int, tokens: int, channels: int, device: torch.device,
@@ -82,7 +89,7 @@ def plan_token_split(batch: int, rows: int, tokens: int, channels: int, device: 
         block_n = min(MAX_BLOCK_N, 1 << (fit.bit_length() - 1))
     if tokens_per_split is None:
         if device.type == "cuda":
-            target_programs = torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+            target_programs = _multiprocessor_count(device.index) * PROGRAMS_PER_SM
         else:
             target_programs = INTERPRETER_PROGRAMS
         programs_per_span = batch * (triton.cdiv(rows, block_m) if row_blocks_in_grid else 1)
@@ -91,14 +98,20 @@ def plan_token_split(batch: int, rows: int, tokens: int, channels: int, device: 
     return TokenSplit(block_m, block_n, block_c, tokens_per_split, triton.cdiv(tokens, tokens_per_split))
 
 
-def _row_masked_bias(token_mask: torch.Tensor, masked_bias: float) -> torch.Tensor:
-    """Per batch row, the bias added to masked-out tokens' logits (fp32, shape (B,)).
+def _rows_with_allowed_tokens(token_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) uint8: whether each batch row allows any token.
 
-    A row with no allowed token gets a uniform bias, i.e. a plain softmax, so the bias is dropped
-    there: same result in exact arithmetic, and fp32 does not round those logits to the spacing of
-    floats near ``masked_bias`` (2**-10 near -10000).
+    A row with no allowed token gets a uniform bias, i.e. a plain softmax, so the kernels drop the
+    bias there: same result in exact arithmetic, and fp32 does not round those logits to the
+    spacing of floats near ``masked_bias`` (2**-10 near -10000).
     """
-    return torch.where(token_mask.any(dim=1), masked_bias, 0.0).to(torch.float32)
+    return token_mask.any(dim=1).view(torch.uint8)
+
+
+@triton.jit
+def _row_masked_bias(row_has_allowed_ptr, masked_bias):
+    """The bias of masked-out tokens in this batch row: none if the row has no allowed token."""
+    return tl.where(tl.load(row_has_allowed_ptr) != 0, masked_bias, 0.0)
 
 
 @triton.jit
@@ -161,7 +174,7 @@ def _load_rows(ptr, offs_m, m_valid, offs_c, c_valid, stride_m, stride_c):
 
 @triton.jit
 def _softmax_pool_partial_kernel(
-        query_ptr, tokens_ptr, mask_ptr, keep_ptr, row_bias_ptr,
+        query_ptr, tokens_ptr, mask_ptr, keep_ptr, row_has_allowed_ptr, masked_bias,
         part_max_ptr, part_sum_ptr, part_pooled_ptr,
         M, N, C, tokens_per_split, num_splits, scale,
         stride_qb, stride_qm, stride_qc, stride_tb, stride_tn, stride_tc, stride_mb, stride_mn,
@@ -176,7 +189,7 @@ def _softmax_pool_partial_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < C
     query = _load_rows(query_ptr + pid_b * stride_qb, offs_m, m_valid, offs_c, c_valid, stride_qm, stride_qc)
-    masked_bias = tl.load(row_bias_ptr + pid_b)
+    row_bias = _row_masked_bias(row_has_allowed_ptr + pid_b, masked_bias)
     tokens_ptr += pid_b * stride_tb
     mask_ptr += pid_b * stride_mb
     keep_ptr += pid_b * stride_kb
@@ -191,7 +204,7 @@ def _softmax_pool_partial_kernel(
         n_valid = offs_n < end
         tokens, allowed = _load_token_block(tokens_ptr, mask_ptr, offs_n, n_valid, offs_c, c_valid,
                                             stride_tn, stride_tc, stride_mn)
-        logits = _block_logits(query, tokens, allowed, n_valid, scale, masked_bias, BLOCK_M)
+        logits = _block_logits(query, tokens, allowed, n_valid, scale, row_bias, BLOCK_M)
         # Every block holds at least one token of the span, so new_max is finite.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         rescale = tl.exp(row_max - new_max)
@@ -249,8 +262,8 @@ def _softmax_pool_combine_kernel(
 
 @triton.jit
 def _softmax_pool_backward_kernel(
-        query_ptr, tokens_ptr, mask_ptr, keep_ptr, row_bias_ptr, lse_ptr, pooled_ptr, grad_pooled_ptr,
-        grad_tokens_ptr, grad_query_part_ptr,
+        query_ptr, tokens_ptr, mask_ptr, keep_ptr, row_has_allowed_ptr, masked_bias, lse_ptr, pooled_ptr,
+        grad_pooled_ptr, grad_tokens_ptr, grad_query_part_ptr,
         M, N, C, tokens_per_split, num_splits, scale,
         stride_qb, stride_qm, stride_qc, stride_tb, stride_tn, stride_tc, stride_mb, stride_mn,
         stride_kb, stride_km, stride_kn, stride_pb, stride_pm, stride_pc, stride_gb, stride_gm, stride_gc,
@@ -262,7 +275,7 @@ def _softmax_pool_backward_kernel(
     pid_s = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < C
-    masked_bias = tl.load(row_bias_ptr + pid_b)
+    row_bias = _row_masked_bias(row_has_allowed_ptr + pid_b, masked_bias)
     query_ptr += pid_b * stride_qb
     tokens_ptr += pid_b * stride_tb
     mask_ptr += pid_b * stride_mb
@@ -288,7 +301,7 @@ def _softmax_pool_backward_kernel(
             n_valid = offs_n < end
             tokens, allowed = _load_token_block(tokens_ptr, mask_ptr, offs_n, n_valid, offs_c, c_valid,
                                                 stride_tn, stride_tc, stride_mn)
-            logits = _block_logits(query, tokens, allowed, n_valid, scale, masked_bias, BLOCK_M)
+            logits = _block_logits(query, tokens, allowed, n_valid, scale, row_bias, BLOCK_M)
             attn = tl.where(m_valid[:, None], tl.exp(logits - lse[:, None]), 0.0)
             grad_weights = _rows_dot_tokens(grad_pooled, tokens, BLOCK_M)
             if HAS_KEEP:
@@ -349,7 +362,7 @@ def softmax_pool_forward(query: torch.Tensor, tokens: torch.Tensor, token_mask: 
 
     grid = (batch, triton.cdiv(rows, split.block_m), split.num_splits)
     _softmax_pool_partial_kernel[grid](
-        query, tokens, mask, keep_tensor, _row_masked_bias(token_mask, masked_bias),
+        query, tokens, mask, keep_tensor, _rows_with_allowed_tokens(token_mask), float(masked_bias),
         part_max, part_sum, part_pooled,
         rows, n, channels, split.tokens_per_split, split.num_splits, float(scale),
         *query.stride(), *tokens.stride(), *mask.stride(), *keep_strides,
@@ -390,8 +403,8 @@ def softmax_pool_backward(query: torch.Tensor, tokens: torch.Tensor, token_mask:
     grad_tokens_strides = grad_tokens.stride() if need_grad_tokens else (0, 0, 0)
 
     _softmax_pool_backward_kernel[(batch, split.num_splits)](
-        query, tokens, mask, keep_tensor, _row_masked_bias(token_mask, masked_bias), lse, pooled, grad_pooled,
-        grad_tokens_arg, grad_query_part,
+        query, tokens, mask, keep_tensor, _rows_with_allowed_tokens(token_mask), float(masked_bias), lse, pooled,
+        grad_pooled, grad_tokens_arg, grad_query_part,
         rows, n, channels, split.tokens_per_split, split.num_splits, float(scale),
         *query.stride(), *tokens.stride(), *mask.stride(), *keep_strides, *pooled.stride(),
         *grad_pooled.stride(), *grad_tokens_strides,

@@ -14,7 +14,7 @@ import torch
 
 from ipmt_fast.ops import registry
 from ipmt_fast.ops.prototype_attention import (MASKED_LOGIT_BIAS, OP_NAME, _softmax_pool_torch,
-                                               masked_prototype_attention, masked_prototype_attention_reference)
+                                               masked_prototype_attention)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 triton_on_cpu = pytest.mark.skipif(registry.triton_availability("cpu") is not None,
