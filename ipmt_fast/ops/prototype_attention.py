@@ -17,6 +17,12 @@ with ``q' = (P Wq^T) Wk`` (one C-vector per prototype row) the logits are ``scal
 ``(sum_n a_n keep_n T_n) Wv^T Wo^T`` is the output, so the only work of size N x C is one pass over
 the tokens (the logits, then the weighted sum) instead of two (N, C) x (C, C) projections.
 
+A row whose mask is all False has a uniform bias, i.e. a plain softmax of the logits. The fused
+backends drop the bias there (the same function in exact arithmetic): the published form adds it
+in the input dtype, which rounds those logits to the spacing of floats near -10000 (2**-10 in
+fp32, 8 in fp16, 64 in bf16) and so loses about 1e-4 relative accuracy in fp32 and nearly all of
+it in fp16/bf16. The fused backends match the float64 reference on such rows in every dtype.
+
 Memory-traffic floor of the fused op, per call, with ``e`` bytes per element of the input dtype:
 forward reads the tokens and the mask and, when given, ``attn_keep``, and writes the output:
 ``e*B*N*C + B*N + e_keep*B*M*N + e*B*M*C`` bytes (plus the (C, C) weights and (B, M, C) rows, which
