@@ -20,7 +20,7 @@ the tokens (the logits, then the weighted sum) instead of two (N, C) x (C, C) pr
 A row whose mask is all False has a uniform bias, i.e. a plain softmax of the logits. The fused
 backends drop the bias there (the same function in exact arithmetic): the published form adds it
 in the input dtype, which rounds those logits to the spacing of floats near -10000 (2**-10 in
-fp32, 8 in fp16, 64 in bf16) and so loses about 1e-4 relative accuracy in fp32 and nearly all of
+fp32, 8 in fp16, 64 in bf16) and so loses a few 1e-4 of relative accuracy in fp32 and nearly all of
 it in fp16/bf16. The fused backends match the float64 reference on such rows in every dtype.
 
 Memory-traffic floor of the fused op, per call, with ``e`` bytes per element of the input dtype:
