@@ -36,6 +36,14 @@ def _pixel_coordinates(loc_ptrs, loc_stride_xy, attn_ptrs, height, width, q_mask
 
 
 @triton.jit
+def _corner_weights(fx, fy, dx: tl.constexpr, dy: tl.constexpr):
+    """Bilinear weight factors (along x, along y) of corner (x0 + dx, y0 + dy)."""
+    wx = fx if dx == 1 else 1 - fx
+    wy = fy if dy == 1 else 1 - fy
+    return wx, wy
+
+
+@triton.jit
 def _corner_rows(x0, y0, dx: tl.constexpr, dy: tl.constexpr, height, width, start, q_mask):
     """Value-row index of one corner and whether it lies on the map (else it reads zero)."""
     cx = x0 + dx
@@ -81,13 +89,10 @@ def _ms_deform_sample_fwd_kernel(
                 loc_base + lvl * stride_ll + p * stride_lp, stride_lc,
                 attn_base + lvl * stride_al + p * stride_ap, height, width, q_mask, ACC_DTYPE)
             for corner in tl.static_range(4):
-                dx: tl.constexpr = corner % 2
-                dy: tl.constexpr = corner // 2
-                rows, valid = _corner_rows(x0, y0, dx, dy, height, width, start, q_mask)
+                rows, valid = _corner_rows(x0, y0, corner % 2, corner // 2, height, width, start, q_mask)
                 v = tl.load(value_base + rows[:, None] * stride_vs + d_offsets,
                             mask=valid[:, None] & d_mask[None, :], other=0.0).to(ACC_DTYPE)
-                wx = fx if dx == 1 else 1 - fx
-                wy = fy if dy == 1 else 1 - fy
+                wx, wy = _corner_weights(fx, fy, corner % 2, corner // 2)
                 acc += (weight * wx * wy)[:, None] * v
 
     out_ptrs = out_ptr + b * stride_ob + q[:, None] * stride_oq + h * stride_oh + d[None, :] * stride_od
@@ -140,20 +145,17 @@ def _ms_deform_sample_bwd_kernel(
             grad_x = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
             grad_y = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
-                dx: tl.constexpr = corner % 2
-                dy: tl.constexpr = corner // 2
-                rows, valid = _corner_rows(x0, y0, dx, dy, height, width, start, q_mask)
+                rows, valid = _corner_rows(x0, y0, corner % 2, corner // 2, height, width, start, q_mask)
                 tile_mask = valid[:, None] & d_mask[None, :]
                 v = tl.load(value_base + rows[:, None] * stride_vs + d_offsets, mask=tile_mask, other=0.0).to(ACC_DTYPE)
-                wx = fx if dx == 1 else 1 - fx
-                wy = fy if dy == 1 else 1 - fy
+                wx, wy = _corner_weights(fx, fy, corner % 2, corner // 2)
                 tl.atomic_add(grad_value_base + rows[:, None] * (num_heads * channels) + d[None, :],
                               (weight * wx * wy)[:, None] * grad_out, mask=tile_mask)
                 # d(out)/d(weight) is the sample; d(sample)/dx is the x-difference of corners.
                 dot = tl.sum(grad_out * v, axis=1)
                 grad_weight += wx * wy * dot
-                grad_x += (wy if dx == 1 else -wy) * dot
-                grad_y += (wx if dy == 1 else -wx) * dot
+                grad_x += (wy if corner % 2 == 1 else -wy) * dot
+                grad_y += (wx if corner // 2 == 1 else -wx) * dot
             point = point_base + lvl * num_points + p
             tl.atomic_add(grad_attn_ptr + point, grad_weight, mask=q_mask)
             tl.atomic_add(grad_loc_ptr + 2 * point, grad_x * weight * width.to(ACC_DTYPE), mask=q_mask)

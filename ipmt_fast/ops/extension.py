@@ -107,7 +107,7 @@ def _build():
     try:
         return cpp_extension.load(
             name=_build_name(sources, with_cuda), sources=[str(p) for p in sources],
-            extra_cflags=cflags, extra_cuda_cflags=list(CUDA_FLAGS) + [CUDA_DEFINE],
+            extra_cflags=cflags, extra_cuda_cflags=list(CUDA_FLAGS),
             extra_ldflags=list(LD_FLAGS), extra_include_paths=[str(directory)], with_cuda=with_cuda, verbose=False)
     except Exception as error:  # compiler errors arrive as RuntimeError / CalledProcessError
         log = str(error)[-BUILD_LOG_TAIL_CHARS:]
