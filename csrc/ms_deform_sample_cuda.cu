@@ -57,7 +57,10 @@ int threads_for(int64_t channels) {
   return static_cast<int>((per_pass + kWarpSize - 1) / kWarpSize * kWarpSize);
 }
 
-// Shared memory per block: a token index and one value per corner (weights; backward adds dots).
+// Shared memory per block: per corner, `values_per_corner` acc_t arrays (forward: weights;
+// backward: weights and dots) followed by the int64 token indices. The table has a multiple of 4
+// corners, so the int64 array stays 8-byte aligned after float arrays. At most 48 KiB by default:
+// L * P up to 1024 (fp32 forward) / 512 (fp64 backward) points per query.
 template <typename acc_t>
 size_t corner_table_bytes(const MsDeformSampleSizes& sizes, int values_per_corner) {
   const size_t corners = static_cast<size_t>(sizes.levels * sizes.points * kCorners);
@@ -87,7 +90,8 @@ __device__ void fill_corner_table(const MsDeformSampleSizes& sizes, int64_t bqh,
 
 template <typename scalar_t>
 __global__ void forward_kernel(MsDeformSampleSizes sizes, const scalar_t* __restrict__ value,
-                               const int64_t* __restrict__ spatial_shapes, const int64_t* __restrict__ level_start_index,
+                               const int64_t* __restrict__ spatial_shapes,
+                               const int64_t* __restrict__ level_start_index,
                                const scalar_t* __restrict__ sampling_locations,
                                const scalar_t* __restrict__ attention_weights, scalar_t* __restrict__ output) {
   using acc_t = typename Accumulator<scalar_t>::type;

@@ -177,6 +177,20 @@ def test_compiled_gradcheck():
                                     (args[0], args[3], args[4]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_compiled_backward_split_over_channel_chunks(dtype):
+    # The CPU backward splits D into chunks over threads (uneven last chunk here: 70 = 32 + 32 + 6)
+    # and sums the per-chunk partial gradients; small-D tests above use a single chunk.
+    _skip_unavailable("compiled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        inputs = _make_inputs([(5, 7), (3, 3)], 1, 13, 1, 4, 70, dtype)
+        _assert_matches_reference("compiled", inputs, TOLERANCE[dtype])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_prefers_compiled_on_cpu():
     _skip_unavailable("compiled")
     assert selected_backend(OP_NAME, "auto", torch.device("cpu")) == "compiled"
