@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from ipmt_fast.ops import ms_deform_sample, registry, selected_backend
+from ipmt_fast.ops import extension, ms_deform_sample, registry, selected_backend
 from ipmt_fast.ops.deform_sample import OP_NAME, ms_deform_sample_reference
 
 CPU_BACKENDS = ("torch", "compiled", "triton")
@@ -21,9 +21,15 @@ LOC_LOW, LOC_HIGH = -0.3, 1.4
 
 
 def _skip_unavailable(backend, device_type="cpu"):
+    """Skip when the backend cannot run here for want of a package or tool; fail when the compiled
+    backend had everything it needs to build and still is not available (a broken build)."""
     try:
         registry.get_implementation(OP_NAME, backend, torch.device(device_type))
     except RuntimeError as error:
+        could_build = extension.build_tools_reason() is None and (
+            device_type == "cpu" or extension.cuda_toolkit_reason() is None)
+        if backend == "compiled" and could_build:
+            pytest.fail(str(error))
         pytest.skip(str(error))
 
 

@@ -36,6 +36,7 @@ BUILD_LOG_TAIL_CHARS = 2000
 _lock = threading.Lock()
 _module = None
 _build_error: Optional[str] = None
+_cuda_unavailable: Optional[str] = None
 
 
 class ExtensionUnavailableError(RuntimeError):
@@ -91,14 +92,10 @@ def _build_name(sources, with_cuda: bool) -> str:
     return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
 
 
-def _build():
+def _compile(with_cuda: bool):
     from torch.utils import cpp_extension
 
-    tools = build_tools_reason()
-    if tools is not None:
-        raise ExtensionUnavailableError(f"cannot build the C++ extension: {tools}")
     directory = source_dir()
-    with_cuda = cuda_toolkit_reason() is None
     sources = [directory / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
@@ -111,16 +108,32 @@ def _build():
             extra_ldflags=list(LD_FLAGS), extra_include_paths=[str(directory)], with_cuda=with_cuda, verbose=False)
     except Exception as error:  # compiler errors arrive as RuntimeError / CalledProcessError
         log = str(error)[-BUILD_LOG_TAIL_CHARS:]
-        raise ExtensionUnavailableError(f"building the C++ extension from {directory} failed: {log}") from error
+        kind = "C++/CUDA" if with_cuda else "C++"
+        raise ExtensionUnavailableError(f"building the {kind} extension from {directory} failed: {log}") from error
+
+
+def _build():
+    """(module, why it has no CUDA kernels or None). A failed CUDA build falls back to a CPU-only
+    build, so the CPU kernels stay usable and the CUDA reason says what went wrong."""
+    tools = build_tools_reason()
+    if tools is not None:
+        raise ExtensionUnavailableError(f"cannot build the C++ extension: {tools}")
+    cuda_reason = cuda_toolkit_reason()
+    if cuda_reason is None:
+        try:
+            return _compile(with_cuda=True), None
+        except ExtensionUnavailableError as error:
+            cuda_reason = str(error)
+    return _compile(with_cuda=False), cuda_reason
 
 
 def load_extension():
     """The compiled extension module, built on first use (once per process)."""
-    global _module, _build_error
+    global _module, _build_error, _cuda_unavailable
     with _lock:
         if _module is None and _build_error is None:
             try:
-                _module = _build()
+                _module, _cuda_unavailable = _build()
             except ExtensionUnavailableError as error:
                 _build_error = str(error)
         if _module is None:
@@ -138,5 +151,5 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     except ExtensionUnavailableError as error:
         return str(error)
     if device_type == "cuda" and not module.built_with_cuda():
-        return f"the C++ extension was built without CUDA kernels: {cuda_toolkit_reason()}"
+        return f"the C++ extension was built without CUDA kernels: {_cuda_unavailable}"
     return None
