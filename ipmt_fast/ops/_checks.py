@@ -1,6 +1,7 @@
 """Argument checks shared by the public op functions: errors name the argument and what it expects."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -48,12 +49,22 @@ def autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(device_type)
 
 
-def run_under_autocast_policy(fn, device, *args):
-    """Call ``fn(*args)``; under autocast, with float tensors cast to the autocast dtype and
-    autocast disabled inside (see :func:`autocast_dtype`)."""
-    dtype = autocast_dtype(device)
-    if dtype is None:
-        return fn(*args)
-    cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    with torch.autocast(torch.device(device).type, enabled=False):
-        return fn(*cast)
+def follows_autocast(op):
+    """Decorate a public op so that under autocast its floating tensor arguments are cast to the
+    autocast dtype and it runs with autocast disabled (see :func:`autocast_dtype`). The device is
+    that of the first tensor argument."""
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        dtype = autocast_dtype(device)
+        if dtype is None:
+            return op(*args, **kwargs)
+
+        def cast(a):
+            return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+        with torch.autocast(device.type, enabled=False):
+            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper

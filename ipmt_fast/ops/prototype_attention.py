@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from . import registry
-from ._checks import check_same_size, check_tensor
+from ._checks import check_same_size, check_tensor, follows_autocast
 
 OP_NAME = "masked_prototype_attention"
 
@@ -141,6 +141,7 @@ registry.register(OP_NAME, "triton", masked_prototype_attention_triton, devices=
                   availability=registry.triton_availability)
 
 
+@follows_autocast
 def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                                q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
                                proj_weight: torch.Tensor, attn_keep: Optional[torch.Tensor] = None,

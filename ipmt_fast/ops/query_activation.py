@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import registry
-from ._checks import check_same_size, check_tensor
+from ._checks import check_same_size, check_tensor, follows_autocast
 
 MASK_LOGITS_OP = "prototype_mask_logits"
 QUERY_UPDATE_OP = "prototype_query_update"
@@ -189,6 +189,7 @@ registry.register(QUERY_UPDATE_OP, "triton", prototype_query_update_triton, devi
                   availability=registry.triton_availability)
 
 
+@follows_autocast
 def prototype_mask_logits(embedding: torch.Tensor, tokens: torch.Tensor, backend: str = "auto"):
     """Prediction head over tokens.
 
@@ -216,6 +217,7 @@ def prototype_mask_logits(embedding: torch.Tensor, tokens: torch.Tensor, backend
     return fn(embedding, tokens)
 
 
+@follows_autocast
 def prototype_query_update(query: torch.Tensor, prototype: torch.Tensor, weight: torch.Tensor,
                            backend: str = "auto") -> torch.Tensor:
     """``ReLU(Conv1x1(cat(query, prototype broadcast)))`` on tokens.

@@ -1,0 +1,114 @@
+"""Full model: every backend against the reference with the same weights and dropout masks."""
+import pytest
+import torch
+
+import ipmt_fast
+
+FUSED_BACKENDS = ["torch", "triton", "compiled"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Relative tolerances of the issue: float64 on the torch/compiled backends, float32 for all.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+# The Triton kernels accumulate in float32 even for float64 inputs where tl.dot runs in tf32 on
+# GPUs, so Triton is compared in float32 only.
+DTYPES = {"torch": [torch.float64, torch.float32], "compiled": [torch.float64, torch.float32],
+          "triton": [torch.float32]}
+DIM, SIZE = 16, 65
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def build(dtype, device, num_layers=2, shot=2):
+    torch.manual_seed(0)
+    model = ipmt_fast.IPMT(reduce_dim=DIM, num_layers=num_layers, shot=shot, backend="reference")
+    with torch.no_grad():  # off the zero init, so the deformable sampling is exercised
+        for layer in model.transformer.qry_self_layers:
+            layer.sampling_offsets.weight.normal_(0, 0.05)
+            layer.attention_weights.weight.normal_(0, 0.05)
+    return model.to(device=device, dtype=dtype)
+
+
+def episode(dtype, device, batch=2, shot=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, SIZE, SIZE, generator=g) * 50
+    s_x = torch.randn(batch, shot, 3, SIZE, SIZE, generator=g) * 50
+    s_y = (torch.rand(batch, shot, SIZE, SIZE, generator=g) > 0.6).long()
+    s_y[:, 0, -5:] = 255
+    y = (torch.rand(batch, SIZE, SIZE, generator=g) > 0.5).long()
+    y[:, :, -9:] = 255
+    return [t.to(device) for t in (x.to(dtype), s_x.to(dtype), s_y, y)]
+
+
+def run_transformer(model, dtype, device, train):
+    g = torch.Generator().manual_seed(2)
+    h = (SIZE - 1) // 8 + 1
+    _, _, s_y, y = episode(dtype, device)
+    x = torch.randn(2, DIM, h, h, generator=g).to(device, dtype)
+    s_x = torch.randn(4, DIM, h, h, generator=g).to(device, dtype)
+    init_mask = torch.randint(0, 2, (2, h, h), generator=g).to(device)
+    model.transformer.train(train)
+    torch.manual_seed(5)
+    feats, query_logits, support_logits = model.transformer(x, y.to(dtype), s_x, s_y.to(dtype), init_mask)
+    return [feats[0]] + query_logits + support_logits
+
+
+def run_training_step(model, dtype, device):
+    x, s_x, s_y, y = episode(dtype, device)
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(7)  # the same dropout masks for every backend
+    pred, main_loss, aux_loss = model(x, s_x, s_y, y)
+    (main_loss + aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad():
+        logits = model(x, s_x, s_y, y)
+    return pred, main_loss, aux_loss, grads, logits
+
+
+def _check_available(backend, device):
+    for op in ("masked_prototype_attention", "prototype_mask_logits", "prototype_query_update", "ms_deform_sample"):
+        name = ipmt_fast.ops.registry.resolve_backend_name(op, backend)
+        try:
+            ipmt_fast.ops.registry.get_implementation(op, name, torch.device(device))
+        except RuntimeError as err:
+            pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in FUSED_BACKENDS for d in DTYPES[b]])
+def test_full_model_matches_reference(backend, dtype, device):
+    _check_available(backend, device)
+    tol = TOLERANCE[dtype]
+    model = build(dtype, device)
+    expected_maps = [run_transformer(model, dtype, device, train) for train in (False, True)]
+    expected = run_training_step(model, dtype, device)
+    model.set_backend(backend)
+    got_maps = [run_transformer(model, dtype, device, train) for train in (False, True)]
+    got = run_training_step(model, dtype, device)
+
+    for exp, out in zip(expected_maps, got_maps):  # eval then train mode
+        assert len(out) == 1 + 3 * 2
+        for i, (e, o) in enumerate(zip(exp, out)):
+            assert rel(o, e) <= tol, f"transformer output {i}: rel {rel(o, e):.2e}"
+    pred, main_loss, aux_loss, grads, logits = got
+    assert torch.equal(pred, expected[0])
+    assert rel(main_loss, expected[1]) <= tol and rel(aux_loss, expected[2]) <= tol
+    assert rel(logits, expected[4]) <= tol
+    assert grads.keys() == expected[3].keys()
+    for name, g in grads.items():
+        assert rel(g, expected[3][name]) <= tol, f"{name}: rel {rel(g, expected[3][name]):.2e}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bf16_autocast_training_step(backend):
+    """Under autocast the ops take the autocast dtype (like nn.Linear) and the losses stay float32."""
+    model = build(torch.float32, "cpu").set_backend(backend).train()
+    x, s_x, s_y, y = episode(torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, main_loss, aux_loss = model(x, s_x, s_y, y)
+    assert main_loss.dtype == torch.float32 and torch.isfinite(main_loss) and torch.isfinite(aux_loss)
+    (main_loss + aux_loss).backward()
+    grads = [p.grad for p in model.transformer.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
