@@ -18,6 +18,8 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 # Locations in [LOC_LOW, LOC_HIGH) reach past every border (x < 0 and x > 1 sample zero padding).
 LOC_LOW, LOC_HIGH = -0.3, 1.4
+# Positions of the differentiable arguments of ms_deform_sample.
+GRAD_INPUT_NAMES = {0: "value", 3: "sampling_locations", 4: "attention_weights"}
 
 
 def _skip_unavailable(backend, device_type="cpu"):
@@ -72,7 +74,7 @@ def _outputs_and_grads(backend, inputs, grad_seed=1, with_grads=(0, 3, 4)):
 def _assert_matches_reference(backend, inputs, tolerance, with_grads=(0, 3, 4)):
     expected = _outputs_and_grads("reference", inputs, with_grads=with_grads)
     actual = _outputs_and_grads(backend, inputs, with_grads=with_grads)
-    names = ["output"] + [("value", "", "", "sampling_locations", "attention_weights")[i] for i in with_grads]
+    names = ["output"] + [GRAD_INPUT_NAMES[i] for i in with_grads]
     for name, a, e in zip(names, [actual[0], *actual[1]], [expected[0], *expected[1]]):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         error = _relative_error(a, e)
