@@ -65,11 +65,18 @@ def set_backend(module: torch.nn.Module, backend: str) -> None:
 
 
 def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None, log=print) -> List[str]:
-    """Model-wide backend names worth running on ``device``: registered for some op and able to
-    run there for every op that has it. ``reference`` first."""
+    """Model-wide backend names worth running on ``device``: ``reference``, then every other
+    name that some op registers and that can run there for each op having it, then ``auto``
+    (what a user gets by default; its per-op choice is logged). A name some op lacks stays in:
+    if the model cannot route it, its warm-up fails and the reason is reported."""
     ops = list(registry._REGISTRY)
     chosen = []
-    for backend in wanted or registry.BACKENDS:
+    for backend in wanted or (*registry.BACKENDS, "auto"):
+        if backend == "auto":
+            picks = ", ".join(f"{op}: {registry.selected_backend(op, 'auto', device)}" for op in ops)
+            log(f"# auto on {device.type} -> {picks}")
+            chosen.append(backend)
+            continue
         having = [op for op in ops if backend in registry.registered_backends(op)]
         if not having:
             log(f"# skipping backend {backend!r}: no op registers it")

@@ -25,7 +25,12 @@ OP_FLOOR_FRACTION = 0.5
 
 
 def _load(folder: Path, prefix: str) -> List[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{prefix}*.json"))]
+    runs = []
+    for path in sorted(folder.glob(f"{prefix}*.json")):
+        run = json.loads(path.read_text())
+        run["tag"] = path.stem
+        runs.append(run)
+    return runs
 
 
 def _best_fused(rows: List[dict]) -> Optional[dict]:
@@ -44,17 +49,14 @@ def transformer_targets(layer_runs: List[dict]) -> List[dict]:
     rows = [r for run in layer_runs for r in run["rows"] if r.get("bench") == "transformer"]
     if not rows:
         return []
-    kind = "cuda" if rows[0].get("peak_bytes") is not None or "cuda" in layer_runs[0]["meta"]["machine"]["device"] \
-        else "cpu"
+    kind = "cuda" if layer_runs[0]["meta"]["machine"]["device"].startswith("cuda") else "cpu"
     target = TRANSFORMER_TARGETS[kind]
     config = [r for r in rows if r["num_layers"] == TARGET_LAYERS and r["dtype"] == target["dtype"]
               and r["batch"] == target["batch"] and r.get("median_ms") is not None]
-    by_variant = {}
-    for r in config:  # several runs (e.g. a compile run): keep the one with a compile variant beside it
-        by_variant.setdefault(r["variant"], []).append(r)
-    shape = f"transformer fwd+bwd {target['dtype']} B={target['batch']} L={TARGET_LAYERS}"
     out = []
-    for run_rows in ([r for r in config if r.get("_run") == i] for i in sorted({r.get("_run") for r in config})):
+    for tag in sorted({r["_run"] for r in config}):
+        run_rows = [r for r in config if r["_run"] == tag]
+        shape = f"{tag}: {target['dtype']} B={target['batch']} L={TARGET_LAYERS}"
         ref = next((r for r in run_rows if r["variant"] == "reference"), None)
         best = _best_fused(run_rows)
         if ref is None or best is None:
@@ -92,9 +94,9 @@ def main(argv=None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     folder = Path(args[0]) if args else common.RESULTS_ROOT
     layer_runs, op_runs = _load(folder, "layers"), _load(folder, "ops")
-    for i, run in enumerate(layer_runs):
+    for run in layer_runs:  # several runs can hold the target configuration: each is judged apart
         for r in run["rows"]:
-            r["_run"] = i
+            r["_run"] = run["tag"]
     ratios = [r for run in layer_runs for r in run.get("ratios", [])]
     if ratios:
         print("# layer benches: fused / reference")

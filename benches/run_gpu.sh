@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The one GPU run: install offline, record the machine, build the CUDA extension, run the CUDA
+# equivalence tests, then the layer and op benchmarks; print a short summary last.
+#
+#   bash benches/run_gpu.sh
+#
+# Runs from the repository root whatever the current directory. Everything it writes goes to
+# benches/results/<device>/ (CSV, JSON, PNG, one log per stage); when $OUT is set (the device
+# tool), the main log, the summary, the two main plots and a tarball of that folder are copied
+# there too (at most 8 files, none nested).
+#
+# Time: every stage runs under `timeout` with its own limit, and no stage may start or run past
+# a global budget (BUDGET_S, default 540 s, so the whole script ends inside a 10-minute command
+# limit with room to pack up). A stage that fails or times out is recorded and the next one starts.
+# Limits can be overridden from the environment, e.g. `BUDGET_S=900 T_STEP=200 bash benches/run_gpu.sh`.
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+: "${BUDGET_S:=540}"        # whole script, seconds
+: "${RESERVE_S:=15}"        # kept back for the summary and packing
+: "${T_INSTALL:=60}" "${T_ENV:=30}" "${T_BUILD:=120}" "${T_TESTS:=100}" "${T_TRANSFORMER:=90}"
+: "${T_OPS:=80}" "${T_COMPILE:=110}" "${T_STEP:=80}" "${T_TESTS_ALL:=120}"
+START=$SECONDS
+
+DEVICE=$($PY -c "import torch; from benches.common import device_label; \
+print(device_label(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo unknown)
+RESULTS="$REPO/benches/results/$DEVICE"
+LOGS="$RESULTS/logs"
+mkdir -p "$LOGS"
+STATUS="$LOGS/stages.tsv"
+: > "$STATUS"
+MAIN_LOG="$LOGS/run_gpu.log"
+exec > >(tee "$MAIN_LOG") 2>&1
+
+echo "# run_gpu.sh on $DEVICE, $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET_S}s, repo $REPO"
+[ "$DEVICE" = unknown ] && echo "# WARNING: could not import torch to name the device"
+case "$DEVICE" in cuda-*) ;; *) echo "# WARNING: no CUDA device seen; the CUDA stages will skip or fail";; esac
+
+# stage NAME LIMIT_S COMMAND...: run under timeout (clipped to the budget left), log to
+# $LOGS/NAME.log, echo its tail, record ok / FAILED(rc) / TIMEOUT / SKIPPED.
+stage() {
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET_S - RESERVE_S - (SECONDS - START)))
+    if [ "$left" -lt 10 ]; then
+        echo "=== [$name] SKIPPED: budget spent"
+        printf '%s\tSKIPPED\t0\t%s\n' "$name" "$limit" >> "$STATUS"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo
+    echo "=== [$name] limit ${limit}s: $*"
+    local began=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    local rc=$? took=$((SECONDS - began)) verdict=ok
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAILED($rc)"; fi
+    tail -n "${TAIL_LINES:-25}" "$LOGS/$name.log"
+    echo "=== [$name] $verdict after ${took}s"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$verdict" "$took" "$limit" >> "$STATUS"
+}
+
+# 1. Install offline (editable, no dependencies, no build isolation). If that fails, run from the
+#    checkout: PYTHONPATH plus links that make kernels/ and csrc/ importable as ipmt_fast.kernels/.csrc.
+stage install "$T_INSTALL" $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+if ! (cd /tmp && $PY -c "import ipmt_fast.kernels, ipmt_fast.csrc") >/dev/null 2>&1; then
+    echo "# editable install not importable: falling back to PYTHONPATH + links"
+    [ -e ipmt_fast/kernels ] || ln -s ../kernels ipmt_fast/kernels
+    [ -e ipmt_fast/csrc ] || ln -s ../csrc ipmt_fast/csrc
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 2. The machine and the software.
+stage env "$T_ENV" bash -c "nvidia-smi; nvcc --version | tail -n 2; $PY - <<'EOF'
+import json, torch
+from benches.common import machine_info
+print(json.dumps(machine_info(torch.device('cuda' if torch.cuda.is_available() else 'cpu')), indent=1))
+import ipmt_fast.ops.registry as r
+print({op: r.registered_backends(op) for op in r._REGISTRY})
+EOF"
+
+# 3. Build the compiled (C++/CUDA) extension once, so no later stage pays for it.
+stage build-ext "$T_BUILD" $PY -c "
+from ipmt_fast.ops import extension
+reason = extension.unavailable_reason('cuda')
+print(reason or 'compiled backend ready for CUDA tensors')
+raise SystemExit(1 if reason else 0)"
+
+# 4. The CUDA equivalence tests (every test or parameter named 'cuda').
+stage tests-cuda "$T_TESTS" $PY -m pytest tests -q -k cuda -p no:cacheprovider --maxfail=20 -rfE
+
+# 5. The transformer alone, forward + backward, per layer count, every backend.
+stage transformer "$T_TRANSFORMER" $PY -m benches.layers --bench transformer --layers 1,3,5,8 --batch 4 \
+    --dtypes bf16,fp32 --image-size 473 --warmup 3 --repeats 10 --tag layers-transformer
+
+# 6. The ops: every backend vs the reference and SDPA, IPMT's token counts (1 shot, 5 shots).
+stage ops "$T_OPS" $PY -m benches.ops --batch 4 --tokens 900,3600,18000 --widths 384 --dtypes bf16,fp32 \
+    --warmup 5 --repeats 30 --no-compile --tag ops
+
+# 7. torch.compile of the reference transformer against the backends (L = 5, bf16).
+stage transformer-compile "$T_COMPILE" $PY -m benches.layers --bench transformer --layers 5 --batch 4 \
+    --dtypes bf16 --backends reference,triton,auto --compile-layers 5 --warmup 3 --repeats 10 \
+    --tag layers-transformer-compile
+
+# 8. The full training step (ResNet-50, forward + backward + SGD/AdamW), reference vs auto.
+stage step "$T_STEP" $PY -m benches.layers --bench step --layers 1,3,5,8 --batch 4 --dtypes bf16,fp32 \
+    --backends reference,auto --warmup 2 --repeats 5 --tag layers-step
+
+# 9. torch.compile of each op's reference (bf16, 1 and 5 shots).
+stage ops-compile "$T_OPS" $PY -m benches.ops --batch 4 --tokens 3600,18000 --widths 384 --dtypes bf16 \
+    --warmup 5 --repeats 30 --tag ops-compile
+
+# 10. With what is left: the whole test suite on this machine.
+stage tests-all "$T_TESTS_ALL" $PY -m pytest tests -q -p no:cacheprovider --maxfail=20 -rfE
+
+# Summary and packing.
+echo
+$PY -m benches.plot "$RESULTS"/layers-*.json "$RESULTS"/ops*.json > /dev/null 2>&1
+SUMMARY="$LOGS/summary.txt"
+{
+    $PY -m benches.summary "$RESULTS" 2>&1
+    echo
+    echo "# stages (name, verdict, seconds, limit) - total $((SECONDS - START))s"
+    column -t -s $'\t' "$STATUS" 2>/dev/null || cat "$STATUS"
+} > "$SUMMARY"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    tar -czf "$OUT/results-$DEVICE.tar.gz" -C "$REPO/benches/results" "$DEVICE"
+    cp "$SUMMARY" "$OUT/summary.txt"
+    for f in layers-transformer.png ops.png; do [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/$f"; done
+    echo "# results packed into $OUT/results-$DEVICE.tar.gz (unpack under benches/results/)"
+fi
+echo "# everything under $RESULTS"
+echo
+cat "$SUMMARY"
+[ -n "${OUT:-}" ] && cp "$MAIN_LOG" "$OUT/run_gpu.log"
+exit 0
