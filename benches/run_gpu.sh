@@ -53,7 +53,9 @@ stage() {
     echo
     echo "=== [$name] limit ${limit}s: $*"
     local began=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    # SIGINT first: pytest then still prints what passed and failed; the benches have saved
+    # every configuration they finished.
+    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$? took=$((SECONDS - began)) verdict=ok
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAILED($rc)"; fi
     tail -n "${TAIL_LINES:-25}" "$LOGS/$name.log"
