@@ -1,0 +1,455 @@
+"""The published training recipe, with exact resume and ``torchrun`` data parallelism.
+
+Optimisers (as the published ``train.py``):
+
+* SGD (momentum 0.9, weight decay 1e-4) over every trainable parameter outside the transformer,
+  one group at ``base_lr`` 0.0025 with poly decay ``(1 - it/max_it) ** 0.9`` evaluated at the
+  1-based iteration ``it`` over all iterations, multiplied by ``scale_lr`` = 15 (the published
+  ``poly_learning_rate`` scales every group past ``index_split=-1``, i.e. all of them);
+* AdamW at a constant 1e-4 over the transformer: weight decay 1e-2 on parameters whose name has
+  no ``bias``, 0 on biases.
+
+Loss = main + ``aux_weight`` * aux (the model's weighted-dice and duplex losses).
+
+Reproducibility: every episode is a pure function of ``(seed, epoch, index)``; the global RNGs are
+re-seeded at each epoch start (``seed + epoch``, as published) and checkpoints carry the RNG
+states of every rank, both optimisers, the AMP scaler and the sampler position, so a stopped and
+resumed run is bit-identical on the CPU to an uninterrupted one. Evaluation runs under a forked
+RNG state so it never changes training.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections import Counter
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..data.episodes import EpisodeBatchSampler, EpisodeDataset, collate_episodes, fold_classes
+from ..data.synthetic import SyntheticEpisodes
+from ..data.transforms import TrainTransform, ValTransform
+from ..model import IPMT, load_published_checkpoint
+from .config import TrainConfig, default_list
+from .distributed import DistContext, all_gather_objects, all_reduce_mean, barrier, init_distributed
+from .evaluate import autocast, episode_inputs, evaluate
+from .metrics import EvalResult
+
+CHECKPOINT_FORMAT = "ipmt-fast-checkpoint"
+CHECKPOINT_VERSION = 1
+# Ranks draw different dropout masks: rank r seeds its RNGs with seed + epoch + r * this prime.
+RANK_SEED_STRIDE = 1_000_003
+# Published warm-up: lr ramps linearly from this fraction of the base lr over the first epoch.
+WARMUP_START_RATIO = 0.001
+TRANSFORMER_PREFIX = "transformer."
+TRAIN_LOG_FIELDS = ("iteration", "epoch", "lr", "transformer_lr", "loss", "main_loss", "aux_loss", "seconds")
+VAL_LOG_FIELDS = ("iteration", "epoch", "miou", "fb_iou", "episodes")
+
+
+# --------------------------------------------------------------------------- builders
+def model_arch(cfg: TrainConfig) -> Dict[str, int]:
+    return {"layers": cfg.layers, "shot": cfg.shot, "reduce_dim": cfg.reduce_dim, "num_layers": cfg.num_layers}
+
+
+def build_model(cfg: TrainConfig) -> IPMT:
+    """The IPMT of ``cfg``, with ``cfg.weight`` (published or our checkpoint) loaded if given."""
+    model = IPMT(backend=cfg.backend, backbone_weights=cfg.backbone_weights, **model_arch(cfg))
+    if cfg.weight:
+        load_published_checkpoint(model, cfg.weight)
+    return model
+
+
+def build_dataset(cfg: TrainConfig, mode: str):
+    """The ``train`` or ``val`` episode source of ``cfg`` (the fold's training or test classes)."""
+    train_classes, test_classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)
+    classes = train_classes if mode == "train" else test_classes
+    if mode == "train":
+        transform = TrainTransform(size=(cfg.train_h, cfg.train_w), scale=(cfg.scale_min, cfg.scale_max),
+                                   rotate=(cfg.rotate_min, cfg.rotate_max))
+    else:
+        transform = ValTransform(size=cfg.val_size, only_shrink=cfg.val_only_shrink)
+    if cfg.data == "synthetic":
+        length = cfg.synthetic_length if mode == "train" else cfg.val_episodes
+        size = cfg.train_h if mode == "train" else cfg.val_size
+        return SyntheticEpisodes(classes, cfg.shot, transform, size=size, length=length, seed=cfg.manual_seed,
+                                 mode=mode)
+    return EpisodeDataset(cfg.data_root, default_list(cfg, mode), classes, cfg.shot, transform, mode=mode,
+                          seed=cfg.manual_seed, episodes=cfg.val_episodes if mode == "val" else None,
+                          min_pixels=cfg.min_class_pixels, index_workers=cfg.workers)
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig):
+    """(SGD over non-transformer parameters, AdamW over the transformer), as published."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    others = [p for n, p in named if not n.startswith(TRANSFORMER_PREFIX)]
+    weights = [p for n, p in named if n.startswith(TRANSFORMER_PREFIX) and "bias" not in n]
+    biases = [p for n, p in named if n.startswith(TRANSFORMER_PREFIX) and "bias" in n]
+    sgd = torch.optim.SGD([{"params": others}], lr=cfg.base_lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    adamw = torch.optim.AdamW([{"params": weights, "weight_decay": cfg.transformer_weight_decay},
+                               {"params": biases, "weight_decay": 0.0}], lr=cfg.transformer_lr)
+    return sgd, adamw
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
+    """``base_lr * (1 - iteration / max_iterations) ** power`` (``iteration`` 1-based)."""
+    return base_lr * (1.0 - iteration / max_iterations) ** power
+
+
+# --------------------------------------------------------------------------- state helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as plain picklable data."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": np_state["bit_generator"],
+                         "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate needs tuples; a round trip through some serialisers yields lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_checkpoint_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    """Trains an IPMT with the published recipe; see the module docstring.
+
+    Args:
+        cfg: a resolved :class:`~ipmt_fast.train.config.TrainConfig`.
+        model: an IPMT to train (default: built from ``cfg``); its dtype (e.g. float64) is used
+            for the inputs too.
+        train_data, val_data: episode sources (default: built from ``cfg``).
+        dist_ctx: the process-group context (default: from torchrun's environment).
+    """
+
+    def __init__(self, cfg: TrainConfig, model: Optional[IPMT] = None, train_data=None, val_data=None,
+                 dist_ctx: Optional[DistContext] = None):
+        self.cfg = cfg
+        self.ctx = dist_ctx or init_distributed(cfg.device)
+        self.device = self.ctx.device
+        # Data first: a wrong data root or list fails before the model is built.
+        self.train_data = train_data if train_data is not None else build_dataset(cfg, "train")
+        self.val_data = val_data if val_data is not None or not cfg.eval else build_dataset(cfg, "val")
+        seed_everything(cfg.manual_seed)
+        self.model = (model if model is not None else build_model(cfg)).to(self.device)
+        self.net = self.model
+        if self.ctx.distributed:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=cfg.find_unused_parameters)
+        self.optimizer, self.transformer_optimizer = build_optimizers(self.model, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+
+        self.val_classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)[1]
+        self.sampler = EpisodeBatchSampler(len(self.train_data), cfg.batch_size, self.ctx.rank, self.ctx.world_size,
+                                           seed=cfg.manual_seed)
+        # A private generator: the loader's per-iterator seed draw must not touch the global RNG
+        # (it would make the dropout stream depend on where an epoch was resumed).
+        self.train_loader = torch.utils.data.DataLoader(
+            self.train_data, batch_sampler=self.sampler, collate_fn=collate_episodes, num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.manual_seed))
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        self.total_iterations = cfg.steps if cfg.steps is not None else cfg.epochs * self.iters_per_epoch
+        self.eval_every = cfg.eval_every or self.iters_per_epoch
+        self.save_every = cfg.save_every or self.eval_every
+
+        self.iteration = 0
+        self.best_miou = -math.inf
+        self.history: List[dict] = []
+        self.skipped_files: Counter = Counter()
+        self.last_losses: Dict[str, float] = {}
+        self._tensorboard = None
+        if cfg.resume:
+            self.load_checkpoint(cfg.resume)
+
+    # ----------------------------------------------------------------------- schedule
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.iters_per_epoch
+
+    def learning_rates(self, iteration: int):
+        """(SGD lr, AdamW lr) used at 1-based ``iteration``."""
+        cfg = self.cfg
+        if cfg.warmup and iteration < self.iters_per_epoch:
+            base = cfg.base_lr * (WARMUP_START_RATIO + (1 - WARMUP_START_RATIO) * iteration / self.iters_per_epoch)
+        else:
+            base = poly_lr(cfg.base_lr, iteration, self.total_iterations, cfg.power)
+        return base * cfg.scale_lr, cfg.transformer_lr
+
+    def _seed_epoch(self, epoch: int) -> None:
+        seed_everything(self.cfg.manual_seed + epoch + self.ctx.rank * RANK_SEED_STRIDE)
+
+    # ----------------------------------------------------------------------- one step
+    def train_step(self, batch: dict) -> Dict[str, torch.Tensor]:
+        """One optimisation step on ``batch`` (this rank's share). Returns detached losses; the
+        gradients of the step stay in ``.grad`` until the next step."""
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        x, s_x, s_y, y = episode_inputs(batch, self.device, dtype)
+        sgd_lr, transformer_lr = self.learning_rates(self.iteration + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = sgd_lr
+        for group in self.transformer_optimizer.param_groups:
+            group["lr"] = transformer_lr
+        with autocast(self.device, self.cfg.amp):
+            _, main_loss, aux_loss = self.net(x, s_x, s_y, y)
+        loss = main_loss + self.cfg.aux_weight * aux_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.transformer_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.step(self.transformer_optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        for path in batch.get("skipped", ()):
+            if path not in self.skipped_files:
+                self._print(f"warning: skipping unreadable file {path} (rank {self.ctx.rank})")
+            self.skipped_files[path] += 1
+        return {"loss": loss.detach(), "main_loss": main_loss.detach(), "aux_loss": aux_loss.detach()}
+
+    # ----------------------------------------------------------------------- loop
+    def fit(self, until: Optional[int] = None) -> dict:
+        """Train up to iteration ``until`` (default: the end of the schedule or ``stop_after``),
+        evaluating every ``eval_every`` iterations and at the end. Returns the metrics summary."""
+        cfg = self.cfg
+        stop = min(x for x in (until, cfg.stop_after, self.total_iterations) if x is not None)
+        if self.ctx.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+        if cfg.eval and cfg.eval_at_start and self.iteration == 0 and not self.history:
+            self.run_evaluation()
+        progress = None
+        if self.ctx.is_main and cfg.progress:
+            from tqdm import tqdm
+            progress = tqdm(total=self.total_iterations, initial=self.iteration, desc="train", unit="it",
+                            dynamic_ncols=True)
+        self.model.train()
+        tick = time.perf_counter()
+        saved_at = None
+        while self.iteration < stop:
+            epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
+            if start_batch == 0:
+                self._seed_epoch(epoch)
+            self.sampler.set_epoch(epoch, start_batch)
+            for batch in self.train_loader:
+                losses = self.train_step(batch)
+                now = time.perf_counter()
+                seconds, tick = now - tick, now
+                if self.iteration % cfg.print_freq == 0 or self.iteration == stop:
+                    self._log_train(losses, seconds, progress)
+                if progress is not None:
+                    progress.update(1)
+                evaluated = cfg.eval and (self.iteration % self.eval_every == 0
+                                          or self.iteration == self.total_iterations)
+                if evaluated:
+                    self.run_evaluation()
+                    self.model.train()
+                if evaluated or self.iteration % self.save_every == 0 or self.iteration == stop:
+                    self.save_checkpoint(os.path.join(cfg.out, "last.pt"))
+                    saved_at = self.iteration
+                tick = time.perf_counter()
+                if self.iteration >= stop:
+                    break
+        if progress is not None:
+            progress.close()
+        if saved_at != self.iteration:
+            self.save_checkpoint(os.path.join(cfg.out, "last.pt"))
+        summary = self.summary()
+        if self.ctx.is_main:
+            write_json_atomic(summary, os.path.join(cfg.out, "metrics.json"))
+            skipped = summary["skipped_files"]
+            if skipped:
+                warnings.warn(f"skipped {sum(skipped.values())} unreadable file read(s) during training: "
+                              + ", ".join(sorted(skipped)), RuntimeWarning, stacklevel=2)
+        return summary
+
+    def _log_train(self, losses: Dict[str, torch.Tensor], seconds: float, progress) -> None:
+        values = all_reduce_mean(torch.stack([losses["loss"], losses["main_loss"], losses["aux_loss"]]).float())
+        loss, main_loss, aux_loss = values.tolist()
+        self.last_losses = {"loss": loss, "main_loss": main_loss, "aux_loss": aux_loss}
+        if not self.ctx.is_main:
+            return
+        sgd_lr, transformer_lr = self.learning_rates(self.iteration)
+        row = {"iteration": self.iteration, "epoch": self.epoch, "lr": sgd_lr, "transformer_lr": transformer_lr,
+               "loss": loss, "main_loss": main_loss, "aux_loss": aux_loss, "seconds": seconds}
+        self._append_csv("train_log.csv", TRAIN_LOG_FIELDS, row)
+        self._scalar({"train/loss": loss, "train/main_loss": main_loss, "train/aux_loss": aux_loss, "train/lr": sgd_lr})
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{sgd_lr:.2e}", refresh=False)
+
+    def run_evaluation(self) -> EvalResult:
+        """Evaluate on the validation episodes; record, log and keep the best checkpoint."""
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            python_state, numpy_state = random.getstate(), np.random.get_state()
+            result = evaluate(self.model, self.val_data, self.val_classes, self.device,
+                              batch_size=cfg.batch_size_val, workers=cfg.workers, amp=cfg.amp,
+                              original_resolution=cfg.original_resolution, dist_ctx=self.ctx,
+                              progress=self.ctx.is_main and cfg.progress)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        record = {"iteration": self.iteration, "epoch": self.epoch, **result.as_dict()}
+        self.history.append(record)
+        improved = result.miou > self.best_miou
+        if improved:
+            self.best_miou = result.miou
+        if self.ctx.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+            self._append_csv("val_log.csv", VAL_LOG_FIELDS, {k: record[k] for k in VAL_LOG_FIELDS})
+            self._scalar({"val/miou": result.miou, "val/fb_iou": result.fb_iou})
+            self._print(f"[iteration {self.iteration}] {result.summary()} ({result.episodes} episodes)")
+        if improved:
+            self.save_checkpoint(os.path.join(cfg.out, "best.pt"))
+        if self.ctx.is_main:
+            write_json_atomic(self.summary(), os.path.join(cfg.out, "metrics.json"))
+        return result
+
+    def all_skipped_files(self) -> Counter:
+        """Every rank's count of skipped unreadable files, merged (a collective call)."""
+        merged: Counter = Counter()
+        for counts in all_gather_objects(dict(self.skipped_files)):
+            merged.update(counts)
+        return merged
+
+    def summary(self) -> dict:
+        """The metrics.json content (a collective call: it merges the ranks' skipped files)."""
+        best = max(self.history, key=lambda r: r["miou"]) if self.history else None
+        return {"iteration": self.iteration, "total_iterations": self.total_iterations,
+                "evaluations": self.history, "best": best, "last": self.history[-1] if self.history else None,
+                "train_losses": self.last_losses, "skipped_files": dict(self.all_skipped_files()),
+                "config": self.cfg.as_dict()}
+
+    # ----------------------------------------------------------------------- logging
+    def _print(self, message: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(message)
+
+    def _append_csv(self, name: str, fields, row: dict) -> None:
+        path = os.path.join(self.cfg.out, name)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _scalar(self, values: Dict[str, float]) -> None:
+        if not self.cfg.tensorboard:
+            return
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed (pip install tensorboard); logging to CSV only",
+                              RuntimeWarning, stacklevel=2)
+                self.cfg.tensorboard = False
+                return
+            self._tensorboard = SummaryWriter(self.cfg.out)
+        for tag, value in values.items():
+            self._tensorboard.add_scalar(tag, value, self.iteration)
+
+    # ----------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        """This run's full state (the RNG states of all ranks: a collective call)."""
+        epoch, batch = divmod(self.iteration, self.iters_per_epoch)
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": model_arch(self.cfg),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "transformer_optimizer": self.transformer_optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "iteration": self.iteration, "total_iterations": self.total_iterations,
+            "sampler": {"epoch": epoch, "batch": batch, "seed": self.cfg.manual_seed,
+                        "world_size": self.ctx.world_size, "global_batch_size": self.cfg.batch_size},
+            "rng": all_gather_objects(capture_rng_state()),
+            "best_miou": self.best_miou, "history": self.history,
+            "skipped_files": dict(self.all_skipped_files()), "config": self.cfg.as_dict(),
+        }
+
+    def save_checkpoint(self, path: str) -> None:
+        state = self.state()
+        if self.ctx.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            save_atomic(state, path)
+        barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        """Resume from one of our checkpoints: weights, optimisers, scaler, position and RNGs."""
+        state = load_checkpoint_file(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an ipmt-fast training checkpoint (to start from published weights "
+                             f"use --weight instead of --resume)")
+        if state["arch"] != model_arch(self.cfg):
+            raise ValueError(f"{path} was trained with {state['arch']}, this run is configured for "
+                             f"{model_arch(self.cfg)}")
+        sampler = state["sampler"]
+        if (sampler["global_batch_size"], sampler["seed"]) != (self.cfg.batch_size, self.cfg.manual_seed):
+            raise ValueError(f"{path} used batch size {sampler['global_batch_size']} and seed {sampler['seed']}; "
+                             f"resume with the same values (got {self.cfg.batch_size}, {self.cfg.manual_seed})")
+        load_published_checkpoint(self.model, state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.transformer_optimizer.load_state_dict(state["transformer_optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.best_miou = float(state["best_miou"])
+        self.history = list(state["history"])
+        # The checkpoint holds all ranks' skips merged; rank 0 carries them on.
+        self.skipped_files = Counter(state["skipped_files"] if self.ctx.is_main else {})
+        if state["total_iterations"] != self.total_iterations:
+            warnings.warn(f"resuming a {state['total_iterations']}-iteration schedule as {self.total_iterations} "
+                          f"iterations: the learning-rate schedule changes", RuntimeWarning, stacklevel=2)
+        rng = state["rng"]
+        if len(rng) == self.ctx.world_size:
+            restore_rng_state(rng[self.ctx.rank])
+        else:
+            warnings.warn(f"{path} was written by {len(rng)} process(es), this run has {self.ctx.world_size}: "
+                          f"episodes continue exactly, dropout draws are re-seeded", RuntimeWarning, stacklevel=2)
+            self._seed_epoch(self.epoch)

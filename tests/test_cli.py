@@ -1,0 +1,148 @@
+"""The ipmt-fast command line: help, a tiny train/eval/predict run, configs, bad inputs."""
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ipmt_fast
+from ipmt_fast.cli import main
+from ipmt_fast.data.synthetic import render_scene
+from ipmt_fast.train.config import load_yaml_config, make_config
+
+TINY = ["--data", "synthetic", "--image-size", "33", "--reduce-dim", "32", "--num-layers", "1", "--batch-size", "2",
+        "--workers", "0", "--backend", "torch", "--no-progress"]
+SUMMARY_LINE = re.compile(r"^mIoU (\d+\.\d\d) FB-IoU (\d+\.\d\d)$")
+
+
+def run_cli(*argv):
+    """(exit code, stdout, stderr) of an in-process ``ipmt-fast`` call."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code, stdout, stderr = run_cli("train", *TINY, "--steps", "2", "--val-episodes", "3", "--eval-every", "2",
+                                   "--out", str(out))
+    assert code == 0, stderr
+    return out, stdout
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"]])
+def test_help(command):
+    code, stdout, _ = run_cli(*command, "--help")
+    assert code == 0 and stdout.startswith("usage: ipmt-fast")
+    expected = {"train": ["--data", "--data-root", "--split", "--shot", "--layers", "--image-size", "--steps",
+                          "--backend", "--out", "--resume", "--config"],
+                "eval": ["--checkpoint", "--data", "--episodes"],
+                "predict": ["--query", "--support", "--support-mask"]}
+    for flag in expected.get(command[0] if command else "", ["train", "eval", "predict"]):
+        assert flag in stdout
+
+
+def test_module_and_console_entry_points():
+    module = subprocess.run([sys.executable, "-m", "ipmt_fast", "eval", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert module.returncode == 0 and "--checkpoint" in module.stdout
+    script = os.path.join(os.path.dirname(sys.executable), "ipmt-fast")
+    if os.path.exists(script):  # installed with pip install -e .
+        console = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+        assert console.returncode == 0 and "predict" in console.stdout
+
+
+def test_train_writes_checkpoints_and_metrics(trained):
+    out, stdout = trained
+    assert {"last.pt", "best.pt", "metrics.json", "train_log.csv", "val_log.csv"} <= set(os.listdir(out))
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["iteration"] == 2 and [e["iteration"] for e in metrics["evaluations"]] == [0, 2]
+    last = metrics["last"]
+    assert SUMMARY_LINE.match(stdout.splitlines()[-1])
+    assert stdout.splitlines()[-1] == f"mIoU {100 * last['miou']:.2f} FB-IoU {100 * last['fb_iou']:.2f}"
+
+
+def test_eval_reproduces_the_training_evaluation(trained):
+    out, _ = trained
+    code, stdout, stderr = run_cli("eval", "--checkpoint", str(out / "last.pt"), "--episodes", "3",
+                                   "--workers", "0", "--backend", "reference")
+    assert code == 0, stderr
+    with open(out / "metrics.json") as f:
+        last = json.load(f)["last"]
+    line = stdout.splitlines()[-1]
+    assert SUMMARY_LINE.match(line)
+    assert line == f"mIoU {100 * last['miou']:.2f} FB-IoU {100 * last['fb_iou']:.2f}"
+
+
+def test_predict_writes_overlay_and_mask(trained, tmp_path):
+    out, _ = trained
+    paths = {}
+    for name, seed, size in (("query", 1, (30, 41)), ("support", 2, (37, 29))):
+        image, label = render_scene(4, *size, np.random.default_rng(seed))
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(image).save(paths[name])
+        if name == "support":
+            paths["mask"] = str(tmp_path / "mask.png")
+            Image.fromarray(label).save(paths["mask"])
+    code, stdout, stderr = run_cli("predict", "--checkpoint", str(out / "best.pt"), "--query", paths["query"],
+                                   "--support", paths["support"], "--support-mask", paths["mask"], "--class-id", "4",
+                                   "--out", str(tmp_path / "overlay.png"), "--mask-out", str(tmp_path / "pred.png"))
+    assert code == 0, stderr
+    overlay, mask = Image.open(tmp_path / "overlay.png"), np.asarray(Image.open(tmp_path / "pred.png"))
+    assert overlay.size == (41, 30) and mask.shape == (30, 41)
+    assert set(np.unique(mask).tolist()) <= {0, 255} and "foreground:" in stdout
+
+
+def test_published_config_keys(tmp_path):
+    path = tmp_path / "published.yaml"
+    path.write_text("DATA:\n  data_root: data/pascal\n  train_list: a.txt\n  val_list: b.txt\n  classes: 2\n"
+                    "TRAIN:\n  layers: 101\n  train_h: 473\n  train_w: 473\n  val_size: 473\n  hidden_dims: 384\n"
+                    "  ignore_label: 255\n  padding_label: 255\n  train_gpu: [0]\n  batch_size: 4\n  base_lr: 0.0025\n"
+                    "  epochs: 200\n  split: 2\n  shot: 5\n  save_path: exp/model\n  weight:\n  resume:\n"
+                    "  evaluate: True\n  use_coco: False\n  use_split_coco: False\n  resized_val: True\n"
+                    "  ori_resize: True\nDistributed:\n  dist_url: tcp://127.0.0.1:6789\n  world_size: 1\n")
+    cfg = make_config(str(path))
+    assert (cfg.data, cfg.data_root, cfg.layers, cfg.reduce_dim, cfg.num_layers) == ("pascal", "data/pascal", 101, 384, 5)
+    assert (cfg.split, cfg.shot, cfg.out, cfg.weight, cfg.epochs, cfg.val_episodes) == (2, 5, "exp/model", None, 200, 1000)
+    # Flags override the file.
+    assert make_config(str(path), split=3).split == 3
+    path.write_text("TRAIN:\n  hidden_dim: 384\n")
+    with pytest.raises(ValueError, match="unknown key.*hidden_dim"):
+        load_yaml_config(str(path))
+    for name in ("synthetic.yaml", "pascal/pascal_split0_resnet50.yaml", "coco/coco_split0_resnet50.yaml"):
+        load_yaml_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+
+
+def test_bad_inputs_give_clear_errors(trained, tmp_path):
+    code, _, stderr = run_cli("train", "--data", "pascal", "--data-root", str(tmp_path / "nowhere"))
+    assert code == 2 and f"data root not found: {tmp_path / 'nowhere'}" in stderr
+    code, _, stderr = run_cli("train", "--data", "pascal", "--data-root", str(tmp_path))
+    assert code == 2 and "list file not found: " + os.path.join(str(tmp_path), "lists", "pascal") in stderr
+    code, _, stderr = run_cli("train", "--data", "pascal")
+    assert code == 2 and "--data-root" in stderr
+    out, _ = trained
+    code, _, stderr = run_cli("eval", "--checkpoint", str(out / "last.pt"), "--reduce-dim", "16", "--episodes", "1")
+    assert code == 2 and "wrong shape" in stderr and "adjust_feature_qry" in stderr
+
+
+def test_published_checkpoint_of_another_architecture_is_refused(tmp_path):
+    torch.manual_seed(0)
+    state = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
+                                        ipmt_fast.IPMT(reduce_dim=16, num_layers=1).state_dict().items()}}
+    torch.save(state, tmp_path / "published.pth")
+    code, _, stderr = run_cli("eval", "--checkpoint", str(tmp_path / "published.pth"), "--data", "synthetic",
+                              "--reduce-dim", "32", "--num-layers", "2", "--image-size", "33", "--episodes", "1")
+    assert code == 2 and "missing: " in stderr and "transformer." in stderr

@@ -1,0 +1,182 @@
+"""Trainer: published optimiser groups and schedule, backend equivalence, exact resume, checkpoints."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import ipmt_fast
+from ipmt_fast.ops import registry
+from ipmt_fast.train.config import make_config
+from ipmt_fast.train.trainer import Trainer, build_optimizers, load_checkpoint_file
+
+SMALL = dict(layers=50, shot=1, reduce_dim=32, num_layers=1)
+SIZE = 33
+
+
+def small_config(out, **overrides):
+    values = dict(data="synthetic", train_h=SIZE, val_size=SIZE, reduce_dim=32, num_layers=1, batch_size=2,
+                  steps=4, eval=False, eval_at_start=False, val_episodes=2, workers=0, progress=False,
+                  out=str(out), synthetic_length=16, print_freq=1)
+    values.update(overrides)
+    return make_config(**values)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return ipmt_fast.IPMT(**SMALL, backend="reference")
+
+
+def test_optimizer_groups_follow_the_published_recipe(small_model, tmp_path):
+    cfg = small_config(tmp_path)
+    sgd, adamw = build_optimizers(small_model, cfg)
+    names = {id(p): n for n, p in small_model.named_parameters()}
+    sgd_names = {names[id(p)] for g in sgd.param_groups for p in g["params"]}
+    weight_names = {names[id(p)] for p in adamw.param_groups[0]["params"]}
+    bias_names = {names[id(p)] for p in adamw.param_groups[1]["params"]}
+    trainable = {n for n, p in small_model.named_parameters() if p.requires_grad}
+    assert sgd_names | weight_names | bias_names == trainable
+    assert not (sgd_names & weight_names or sgd_names & bias_names or weight_names & bias_names)
+    assert all(not n.startswith("transformer.") for n in sgd_names) and sgd_names
+    assert all(n.startswith("transformer.") and "bias" not in n for n in weight_names) and weight_names
+    assert all(n.startswith("transformer.") and "bias" in n for n in bias_names) and bias_names
+    assert not any(n.startswith("backbone.") for n in trainable)
+    assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.9, 1e-4)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [1e-2, 0.0]
+    assert adamw.defaults["lr"] == 1e-4
+
+
+def test_poly_schedule_scaled_by_15_and_constant_transformer_lr(small_model, tmp_path):
+    trainer = Trainer(small_config(tmp_path, steps=10), model=copy.deepcopy(small_model))
+    assert trainer.learning_rates(1) == pytest.approx((0.0025 * 15 * (1 - 1 / 10) ** 0.9, 1e-4))
+    assert trainer.learning_rates(5) == pytest.approx((0.0025 * 15 * 0.5 ** 0.9, 1e-4))
+    assert trainer.learning_rates(10) == pytest.approx((0.0, 1e-4))
+    # One step sets the groups to the iteration-1 rates.
+    trainer.model.train()
+    trainer.sampler.set_epoch(0)
+    trainer.train_step(next(iter(trainer.train_loader)))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0025 * 15 * 0.9 ** 0.9)
+    assert [g["lr"] for g in trainer.transformer_optimizer.param_groups] == [1e-4, 1e-4]
+
+
+def _train_losses_and_weights(model, tmp_path, steps):
+    trainer = Trainer(small_config(tmp_path, steps=steps, batch_size=1), model=model)
+    trainer.model.train()
+    trainer.sampler.set_epoch(0)
+    losses = []
+    for batch in trainer.train_loader:
+        losses.append(torch.stack(list(trainer.train_step(batch).values())))
+        if len(losses) == steps:
+            break
+    return torch.stack(losses), {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_reference_and_torch_backends_train_alike(small_model, tmp_path, dtype, rtol):
+    missing = [op for op in registry._REGISTRY if "torch" not in registry.registered_backends(op)]
+    if missing:
+        pytest.skip(f"no torch backend registered yet for {missing}")
+    steps = 2
+    start = copy.deepcopy(small_model).to(dtype)
+    # The published init puts every deformable sampling point exactly on a pixel centre, where
+    # bilinear sampling has a kink: its derivative there depends on which side the backend's
+    # rounding of the location falls (grid_sample's unnormalisation vs loc * w - 0.5), and AdamW
+    # turns that into a full-size step difference. Off the kinks the backends agree tightly.
+    with torch.no_grad():
+        for layer in start.transformer.qry_self_layers:
+            layer.sampling_offsets.bias.add_(torch.linspace(0.01, 0.03, layer.sampling_offsets.bias.numel(),
+                                                            dtype=dtype))
+    results = []
+    for backend in ("reference", "torch"):
+        model = copy.deepcopy(start).set_backend(backend)
+        results.append(_train_losses_and_weights(model, tmp_path / backend, steps))
+    (ref_losses, ref_weights), (fused_losses, fused_weights) = results
+    torch.testing.assert_close(fused_losses, ref_losses, rtol=rtol, atol=0)
+    for name, ref in ref_weights.items():
+        torch.testing.assert_close(fused_weights[name], ref, rtol=rtol, atol=rtol * ref.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def _state_of(path):
+    state = load_checkpoint_file(path)
+    return state["state_dict"], state["optimizer"], state["transformer_optimizer"], state["history"]
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _csv_rows(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_resume_is_bit_exact_and_keeps_the_best(small_model, tmp_path):
+    # Evaluations every 2 steps run inside both runs: they must not disturb training either.
+    options = dict(steps=4, eval=True, eval_every=2, eval_at_start=True, val_episodes=2)
+    straight = Trainer(small_config(tmp_path / "straight", **options), model=copy.deepcopy(small_model))
+    summary = straight.fit()
+    first = Trainer(small_config(tmp_path / "resumed", **options), model=copy.deepcopy(small_model))
+    first.fit(until=2)
+    assert first.iteration == 2
+    resumed = Trainer(small_config(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "last.pt"), **options),
+                      model=copy.deepcopy(small_model))
+    assert resumed.iteration == 2
+    resumed.fit()
+
+    _assert_same(_state_of(tmp_path / "straight" / "last.pt"), _state_of(tmp_path / "resumed" / "last.pt"))
+    losses = [row.split(",")[4:7] for row in _csv_rows(tmp_path / "straight" / "train_log.csv")]
+    assert losses == [row.split(",")[4:7] for row in _csv_rows(tmp_path / "resumed" / "train_log.csv")]
+    assert len(losses) == 1 + 4
+
+    # Outputs: last.pt, best.pt (the best validation mIoU), metrics.json, no temporary files.
+    out = tmp_path / "straight"
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.json", "train_log.csv", "val_log.csv"]
+    history = summary["evaluations"]
+    assert [r["iteration"] for r in history] == [0, 2, 4]
+    best = load_checkpoint_file(out / "best.pt")
+    best_record = max(history, key=lambda r: r["miou"])
+    assert best["iteration"] == best_record["iteration"] and best["best_miou"] == best_record["miou"]
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["best"] == best_record and metrics["iteration"] == 4
+    last = load_checkpoint_file(out / "last.pt")
+    assert last["iteration"] == 4 and last["arch"] == SMALL
+    assert set(last["rng"][0]) >= {"python", "numpy", "torch"} and last["sampler"]["epoch"] == 0
+
+
+def test_resume_refuses_another_architecture(small_model, tmp_path):
+    trainer = Trainer(small_config(tmp_path, steps=1), model=copy.deepcopy(small_model))
+    trainer.save_checkpoint(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(ValueError, match="reduce_dim"):
+        Trainer(small_config(tmp_path, steps=1, reduce_dim=16, resume=str(tmp_path / "ckpt.pt")))
+
+
+def test_unreadable_training_files_are_skipped_and_reported(tmp_path):
+    from test_data import write_layout
+
+    pairs = write_layout(str(tmp_path), [(6,), (6,), (6,), (7,), (7,), (7,)])
+    (tmp_path / "train.txt").write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    broken = tmp_path / pairs[1][0]
+    broken.write_bytes(b"\x89PNG broken")
+    torch.manual_seed(0)
+    cfg = small_config(tmp_path / "run", data="pascal", data_root=str(tmp_path),
+                       train_list=str(tmp_path / "train.txt"), steps=3)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        summary = Trainer(cfg, model=ipmt_fast.IPMT(**SMALL)).fit()
+    assert list(summary["skipped_files"]) == [str(broken)]
+    with open(tmp_path / "run" / "metrics.json") as f:
+        assert json.load(f)["skipped_files"] == summary["skipped_files"]
