@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import masked_prototype_attention, ms_deform_sample, prototype_mask_logits, prototype_query_update
-from ..ops.registry import BACKENDS
+from ..ops import deform_sample, masked_prototype_attention, ms_deform_sample, prototype_attention, prototype_mask_logits, \
+    prototype_query_update, query_activation
+from ..ops.registry import BACKENDS, resolve_backend_name
 
 DROPOUT = 0.1
 FFN_EXPANSION = 3
@@ -39,9 +40,15 @@ def check_backend_name(backend: str) -> str:
 
 
 class OpModule(nn.Module):
-    """A module whose forward calls ``ipmt_fast.ops``; ``backend`` picks their implementation."""
+    """A module whose forward calls ``ipmt_fast.ops``; ``backend`` (a model-wide name) picks
+    their implementation."""
 
     backend = "auto"
+
+    def op_backend(self, op: str) -> str:
+        """The backend ``op`` runs with: the model-wide name, or ``torch`` for an op that has no
+        implementation of that name (``compiled`` exists only for ``ms_deform_sample``)."""
+        return resolve_backend_name(op, self.backend)
 
 
 class FFN(nn.Module):
@@ -80,7 +87,8 @@ class MaskedPrototypeAttention(OpModule):
             attn_keep = self.attn_drop(prototype.new_ones(b, m, tokens.shape[1]))
         q_fc, k_fc, v_fc = (getattr(self, name) for name in self._names)
         out = masked_prototype_attention(prototype, tokens, token_mask, q_fc.weight, k_fc.weight, v_fc.weight,
-                                         self.proj.weight, attn_keep=attn_keep, backend=self.backend)
+                                         self.proj.weight, attn_keep=attn_keep,
+                                         backend=self.op_backend(prototype_attention.OP_NAME))
         return self.proj_drop(out)
 
 
@@ -128,7 +136,7 @@ class DeformableSelfAttention(OpModule):
         normalizer = spatial_shapes.flip(-1).to(dtype)  # (W, H) per level
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = ms_deform_sample(value.to(dtype), spatial_shapes, level_start_index, locations, weights,
-                               backend=self.backend)
+                               backend=self.op_backend(deform_sample.OP_NAME))
         return self.output_proj(out)
 
 
@@ -237,7 +245,8 @@ class IPMTransformer(OpModule):
     def prediction_head(self, prototype, tokens):
         """Mask logits ``(B, 1, N)`` of ``tokens`` and the next attention mask ``(B, N)``."""
         embedding = self.mask_embed(self.decoder_norm(prototype))
-        logits, next_mask = prototype_mask_logits(embedding, tokens, backend=self.backend)
+        logits, next_mask = prototype_mask_logits(embedding, tokens,
+                                                  backend=self.op_backend(query_activation.MASK_LOGITS_OP))
         return logits, next_mask[:, 0]
 
     def forward(self, x, qry_masks, s_x, supp_mask, init_mask):
@@ -299,7 +308,8 @@ class IPMTransformer(OpModule):
             query_logits.append(logits.view(b, 1, h, w))
             support_logits.append(self.prediction_head(prototype, support)[0].view(b, shot, h, w))
             if l < L - 1:
-                query = prototype_query_update(query, prototype, self.update_q[l][0].weight, backend=self.backend)
+                query = prototype_query_update(query, prototype, self.update_q[l][0].weight,
+                                               backend=self.op_backend(query_activation.QUERY_UPDATE_OP))
                 qmap = tokens_to_map(query, h, w)
                 query = map_to_tokens(qmap + self.res_q[l](qmap))
         return [tokens_to_map(query, h, w)], query_logits, support_logits
