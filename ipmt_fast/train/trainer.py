@@ -187,7 +187,7 @@ class Trainer:
         if self.ctx.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=cfg.find_unused_parameters)
+                find_unused_parameters=cfg.find_unused_parameters)
         self.optimizer, self.transformer_optimizer = build_optimizers(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
 
@@ -349,8 +349,9 @@ class Trainer:
             self._print(f"[iteration {self.iteration}] {result.summary()} ({result.episodes} episodes)")
         if improved:
             self.save_checkpoint(os.path.join(cfg.out, "best.pt"))
+        summary = self.summary()  # collective: every rank takes part, rank 0 writes
         if self.ctx.is_main:
-            write_json_atomic(self.summary(), os.path.join(cfg.out, "metrics.json"))
+            write_json_atomic(summary, os.path.join(cfg.out, "metrics.json"))
         return result
 
     def all_skipped_files(self) -> Counter:
