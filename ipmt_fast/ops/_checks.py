@@ -56,8 +56,8 @@ def follows_autocast(op):
 
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        dtype = autocast_dtype(device)
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        dtype = autocast_dtype(device) if device is not None else None
         if dtype is None:
             return op(*args, **kwargs)
 
