@@ -180,3 +180,36 @@ def test_unreadable_training_files_are_skipped_and_reported(tmp_path):
     assert list(summary["skipped_files"]) == [str(broken)]
     with open(tmp_path / "run" / "metrics.json") as f:
         assert json.load(f)["skipped_files"] == summary["skipped_files"]
+
+
+def test_calibration_normalises_a_random_backbone(small_model):
+    from ipmt_fast.model.backbone import FrozenBatchNorm2d
+    from ipmt_fast.train.trainer import calibrate_frozen_batchnorm
+
+    backbone = copy.deepcopy(small_model.backbone)
+    images = torch.randn(3, 3, SIZE, SIZE) * 50
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.clone())) for m in backbone.modules()
+             if isinstance(m, FrozenBatchNorm2d)]
+    calibrate_frozen_batchnorm(backbone, images)
+    outputs.clear()
+    with torch.no_grad():
+        backbone(images)
+    for hook in hooks:
+        hook.remove()
+    assert len(outputs) == 3 + 16 * 3 + 4  # stem, bottlenecks, downsample branches of ResNet-50
+    for out in outputs:
+        torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(out.shape[1]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(out.var((0, 2, 3), unbiased=False), torch.ones(out.shape[1]), atol=1e-2, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(backbone.parameters(), small_model.backbone.parameters()))
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_step(small_model, tmp_path, amp):
+    trainer = Trainer(small_config(tmp_path, steps=2, batch_size=1, amp=amp), model=copy.deepcopy(small_model))
+    trainer.model.train()
+    trainer.sampler.set_epoch(0)
+    losses = trainer.train_step(next(iter(trainer.train_loader)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -50,6 +50,9 @@ class TrainConfig:
     num_layers: Optional[int] = None
     backend: str = "auto"
     backbone_weights: Optional[str] = None
+    # Without backbone weights: measure the random backbone's batch-norm statistics on the first
+    # training batch (see ipmt_fast.train.trainer.calibrate_frozen_batchnorm).
+    calibrate_backbone: bool = True
     weight: Optional[str] = None  # initial weights of the whole model (published or ours)
     # optimisation (published recipe)
     batch_size: int = 4  # global: split across torchrun processes

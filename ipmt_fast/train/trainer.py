@@ -97,6 +97,31 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig):
     return sgd, adamw
 
 
+@torch.no_grad()
+def calibrate_frozen_batchnorm(backbone: torch.nn.Module, images: torch.Tensor) -> None:
+    """Give a *randomly initialised* frozen backbone the feature scale of a trained one.
+
+    With identity statistics, a random deep-stem ResNet's activations grow block after block
+    (layer4 ~10x a trained network's), which makes the published learning rates diverge. Here
+    every frozen batch norm takes, in forward order, the per-channel mean and variance of its
+    input on ``images`` (affine left at identity), as batch norm in training mode would. Only
+    buffers change; the backbone stays frozen.
+    """
+    from ..model.backbone import FrozenBatchNorm2d
+
+    def measure(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean((0, 2, 3)))
+        module.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+
+    hooks = [m.register_forward_pre_hook(measure) for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    try:
+        backbone(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
     """``base_lr * (1 - iteration / max_iterations) ** power`` (``iteration`` 1-based)."""
     return base_lr * (1.0 - iteration / max_iterations) ** power
@@ -204,6 +229,9 @@ class Trainer:
         self.eval_every = cfg.eval_every or self.iters_per_epoch
         self.save_every = cfg.save_every or self.eval_every
 
+        if cfg.calibrate_backbone and not (cfg.backbone_weights or cfg.weight or cfg.resume or model is not None):
+            self._calibrate_backbone()
+
         self.iteration = 0
         self.best_miou = -math.inf
         self.history: List[dict] = []
@@ -212,6 +240,14 @@ class Trainer:
         self._tensorboard = None
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
+
+    def _calibrate_backbone(self) -> None:
+        # The first global batch of epoch 0 (query and support images): the same on every rank.
+        keys = next(iter(EpisodeBatchSampler(len(self.train_data), self.cfg.batch_size, seed=self.cfg.manual_seed)))
+        batch = collate_episodes([self.train_data[key] for key in keys])
+        images = torch.cat([batch["image"], batch["support_images"].flatten(0, 1)])
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        calibrate_frozen_batchnorm(self.model.backbone, images.to(self.device, dtype))
 
     # ----------------------------------------------------------------------- schedule
     @property
