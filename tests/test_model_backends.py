@@ -15,6 +15,16 @@ DTYPES = {"torch": [torch.float64, torch.float32], "compiled": [torch.float64, t
 DIM, SIZE = 16, 65
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full float32 on GPUs: TF32 convolutions and matmuls (cuDNN's default) round inputs to 10
+    mantissa bits, which turns float32 rounding differences between backends into 1e-3 ones."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

@@ -310,6 +310,8 @@ class IPMTransformer(OpModule):
             if l < L - 1:
                 query = prototype_query_update(query, prototype, self.update_q[l][0].weight,
                                                backend=self.op_backend(query_activation.QUERY_UPDATE_OP))
-                qmap = tokens_to_map(query, h, w)
+                # One memory layout whatever the op backend returned (convolution algorithms, and
+                # so their rounding, depend on it); channels-last is also the fast one for cuDNN.
+                qmap = tokens_to_map(query, h, w).contiguous(memory_format=torch.channels_last)
                 query = map_to_tokens(qmap + self.res_q[l](qmap))
         return [tokens_to_map(query, h, w)], query_logits, support_logits
