@@ -130,15 +130,21 @@ class Stats:
     max: float
     n: int
     calls_per_sample: int
+    # CPU quiet gate (see measure_interleaved): samples retaken because other processes ran
+    # during them, and samples kept although they did (after MAX_RETAKES).
+    retaken: int = 0
+    disturbed: int = 0
 
     @classmethod
-    def of(cls, samples: Sequence[float], calls_per_sample: int) -> "Stats":
+    def of(cls, samples: Sequence[float], calls_per_sample: int, retaken: int = 0, disturbed: int = 0
+           ) -> "Stats":
         ordered = sorted(samples)
         if len(ordered) > 1:
             p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
         else:
             p25 = p75 = ordered[0]
-        return cls(statistics.median(ordered), p25, p75, ordered[0], ordered[-1], len(ordered), calls_per_sample)
+        return cls(statistics.median(ordered), p25, p75, ordered[0], ordered[-1], len(ordered), calls_per_sample,
+                   retaken, disturbed)
 
     @property
     def spread(self) -> float:
@@ -162,15 +168,69 @@ def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> f
     return (time.perf_counter() - begin) / calls
 
 
+class OtherProcessesClock:
+    """CPU seconds that *other* processes used since :meth:`start` (Linux ``/proc``; all CPUs,
+    steal time included). Resolution: one clock tick (usually 10 ms)."""
+
+    TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+    @staticmethod
+    def available() -> bool:
+        return Path("/proc/stat").is_file() and Path("/proc/self/stat").is_file()
+
+    @staticmethod
+    def _ticks():
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        own = int(after_name[11]) + int(after_name[12])  # utime + stime of all our threads
+        return user + nice + system + irq + softirq + steal, own
+
+    def start(self) -> "OtherProcessesClock":
+        self._busy, self._own = self._ticks()
+        return self
+
+    def seconds(self) -> float:
+        busy, own = self._ticks()
+        return max((busy - self._busy) - (own - self._own), 0) * self.TICK_S
+
+
+# CPU quiet gate: a sample counts as disturbed when other processes used more than this share of
+# one core during it (plus two ticks of slack); it is retaken up to MAX_RETAKES times, each time
+# after waiting (up to the caller's limit) for a window in which the others stay under that share.
+QUIET_OTHER_CORES = 0.1
+QUIET_WINDOW_S = 0.3
+MAX_RETAKES = 3
+
+
+def wait_for_quiet(max_wait_s: float) -> float:
+    """Wait until other processes stay under QUIET_OTHER_CORES for one window; returns seconds waited."""
+    waited = 0.0
+    while waited < max_wait_s:
+        clock = OtherProcessesClock().start()
+        time.sleep(QUIET_WINDOW_S)
+        if clock.seconds() <= QUIET_OTHER_CORES * QUIET_WINDOW_S:
+            break
+        waited += QUIET_WINDOW_S
+    return waited
+
+
 def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
                         repeats: int = 20, min_sample_s: float = DEFAULT_MIN_SAMPLE_S,
-                        failures: Optional[Dict[str, str]] = None, log: Callable[[str], None] = print
-                        ) -> Dict[str, Stats]:
+                        failures: Optional[Dict[str, str]] = None, log: Callable[[str], None] = print,
+                        quiet_wait_s: float = 0.0) -> Dict[str, Stats]:
     """Time every variant: warm all up, then ``repeats`` rounds, each round one sample of each.
 
     The order within a round rotates from round to round. A variant that raises during warm-up
     is dropped, its reason stored in ``failures`` (and logged). Returns seconds per call.
+
+    ``quiet_wait_s > 0`` (CPU only) turns on the quiet gate for machines shared with other work:
+    before each sample wait for other processes to go quiet, and retake a sample during which
+    they ran (see QUIET_OTHER_CORES), waiting at most ``quiet_wait_s`` in all per sample; the
+    counts of retaken and kept-although-disturbed samples land in ``Stats``.
     """
+    gate = quiet_wait_s > 0 and device.type == "cpu" and OtherProcessesClock.available()
     failures = {} if failures is None else failures
     calls: Dict[str, int] = {}
     for name, fn in variants.items():
@@ -186,6 +246,8 @@ def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch
         calls[name] = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / max(once, 1e-9))))
     names = list(calls)
     samples: Dict[str, List[float]] = {name: [] for name in names}
+    retaken = dict.fromkeys(names, 0)
+    disturbed = dict.fromkeys(names, 0)
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -193,11 +255,26 @@ def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch
         for r in range(repeats):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
-                samples[name].append(_time_calls(variants[name], calls[name], device))
+                wait_left = quiet_wait_s  # shared by the attempts at this sample
+                for attempt in range(MAX_RETAKES + 1):
+                    if gate:
+                        wait_left -= wait_for_quiet(wait_left)
+                        clock = OtherProcessesClock().start()
+                    seconds = _time_calls(variants[name], calls[name], device)
+                    if not gate:
+                        break
+                    others_ran = clock.seconds() > QUIET_OTHER_CORES * seconds * calls[name] + 2 * clock.TICK_S
+                    if not others_ran:
+                        break
+                    if attempt == MAX_RETAKES:
+                        disturbed[name] += 1
+                    else:
+                        retaken[name] += 1
+                samples[name].append(seconds)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: Stats.of(samples[name], calls[name]) for name in names}
+    return {name: Stats.of(samples[name], calls[name], retaken[name], disturbed[name]) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +441,10 @@ def write_json(payload: dict, path: Path) -> None:
 
 def stats_fields(stats: Stats) -> dict:
     """Stats as milliseconds, for rows."""
-    return {f"{k}_ms": v * 1e3 for k, v in asdict(stats).items() if k not in ("n", "calls_per_sample")} | {
-        "samples": stats.n, "calls_per_sample": stats.calls_per_sample}
+    counts = ("n", "calls_per_sample", "retaken", "disturbed")
+    return {f"{k}_ms": v * 1e3 for k, v in asdict(stats).items() if k not in counts} | {
+        "samples": stats.n, "calls_per_sample": stats.calls_per_sample, "retaken_samples": stats.retaken,
+        "disturbed_samples": stats.disturbed}
 
 
 def fmt_ms(seconds_or_ms: Optional[float], already_ms: bool = True) -> str:

@@ -49,8 +49,9 @@ ADAMW_LR, ADAMW_WEIGHT_DECAY = 1e-4, 1e-2
 
 DEFAULTS = {
     # 2-core CPU: B=1, fp32, few layer counts and repeats.
-    "cpu": dict(layers="1,3,5", batch=1, dtypes="fp32", warmup=1, repeats=5, compile_layers=""),
-    "cuda": dict(layers="1,3,5,8", batch=4, dtypes="bf16,fp32", warmup=3, repeats=10, compile_layers=""),
+    "cpu": dict(layers="1,3,5", batch=1, dtypes="fp32", warmup=1, repeats=5, compile_layers="", quiet_wait=30.0),
+    "cuda": dict(layers="1,3,5,8", batch=4, dtypes="bf16,fp32", warmup=3, repeats=10, compile_layers="",
+                 quiet_wait=0.0),
 }
 
 
@@ -224,7 +225,7 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, with_compile:
         variants[COMPILE_VARIANT] = bench.runner("reference", dtype_name, module=bench.compiled_reference())
     failures: Dict[str, str] = {}
     stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats, min_sample_s=0,
-                                       failures=failures, log=log)
+                                       failures=failures, log=log, quiet_wait_s=args.quiet_wait)
     base = dict(bench=bench.name, num_layers=bench.num_layers, dtype=dtype_name, batch=args.batch, shot=args.shot,
                 image_size=args.image_size, tokens=bench.tokens, width=args.width)
     ref = stats.get("reference")
@@ -294,6 +295,7 @@ TABLE_COLUMNS = [
     ("median ms", lambda r: common.fmt_ms(r.get("median_ms"))),
     ("IQR %", lambda r: "-" if r.get("median_ms") is None else f"{100 * (r['p75_ms'] - r['p25_ms']) / r['median_ms']:.0f}"),
     ("n", "samples"),
+    ("retaken/disturbed", lambda r: f"{r.get('retaken_samples', 0)}/{r.get('disturbed_samples', 0)}"),
     ("vs ref", lambda r: common.fmt_ratio(r.get("speedup_vs_reference"))),
     ("saved MiB", lambda r: common.fmt_mib(r.get("saved_bytes"))),
     ("peak MiB", lambda r: common.fmt_mib(r.get("peak_bytes"))),
@@ -332,6 +334,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int)
     p.add_argument("--compile-layers", help="layer counts at which to add torch.compile of the reference "
                                             "(transformer bench; compile time is long)")
+    p.add_argument("--quiet-wait", type=float,
+                   help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
+                        "and retake samples they disturbed (0 = off; default 30 on CPU, 0 on CUDA)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", default="layers", help="file name stem of the outputs")

@@ -228,7 +228,8 @@ def bench_config(case: OpCase, mode: str, dtype_name: str, b: int, n: int, c: in
     failures: Dict[str, str] = {}
     stats = common.measure_interleaved({name: _rotating(fn, sets, mode) for name, fn in variants.items()}, device,
                                        warmup=args.warmup, repeats=args.repeats,
-                                       min_sample_s=args.min_sample_ms / 1e3, failures=failures, log=log)
+                                       min_sample_s=args.min_sample_ms / 1e3, failures=failures, log=log,
+                                       quiet_wait_s=args.quiet_wait)
     floor = traffic_floor_bytes(case, sets[0], mode)
     base = dict(op=case.name, mode=mode, dtype=dtype_name, batch=b, tokens=n, width=c, input_sets=len(sets),
                 floor_bytes=floor)
@@ -320,6 +321,9 @@ def parse_args(argv=None):
     p.add_argument("--min-sample-ms", type=float, default=common.DEFAULT_MIN_SAMPLE_S * 1e3,
                    help="each timed sample runs back-to-back calls for at least this long")
     p.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
+                        "and retake samples they disturbed (0 = off)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", default="ops", help="file name stem of the outputs")
