@@ -16,13 +16,18 @@ DIM, SIZE = 16, 65
 
 
 @pytest.fixture(autouse=True)
-def no_tf32():
-    """Full float32 on GPUs: TF32 convolutions and matmuls (cuDNN's default) round inputs to 10
-    mantissa bits, which turns float32 rounding differences between backends into 1e-3 ones."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+def exact_gpu_convolutions():
+    """Full precision on GPUs. TF32 convolutions and matmuls (cuDNN's default) round inputs to 10
+    mantissa bits, which turns float32 rounding differences between backends into 1e-3 ones; and
+    cuDNN's float64 convolutions were measured 5e-8 (relative) off the CPU on an H100, with the
+    algorithm (and so the result) changing between calls, so float64 runs use PyTorch's own."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.enabled)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.enabled = False
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.enabled) = saved
 
 
 def rel(a, b):
@@ -94,10 +99,20 @@ def _check_available(backend, device):
 def test_full_model_matches_reference(backend, dtype, device):
     _check_available(backend, device)
     tol = TOLERANCE[dtype]
-    model = build(dtype, device)
-    expected_maps = [run_transformer(model, dtype, device, train) for train in (False, True)]
-    expected = run_training_step(model, dtype, device)
-    model.set_backend(backend)
+    # The float64 oracle is the reference on the CPU: on an H100 the CUDA reference's first calls
+    # were measured 5e-8 (relative) off it while every later CUDA call, fused or not, agreed with
+    # it to 6e-16 (NOTES.md).
+    # CPU and CUDA draw different dropout masks, so that comparison runs with dropout off.
+    oracle_device = "cpu" if dtype == torch.float64 else device
+    oracle, model = build(dtype, oracle_device), build(dtype, device).set_backend(backend)
+    if oracle_device != device:
+        for m in (*oracle.modules(), *model.modules()):
+            if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+                m.p = 0.0
+    expected_maps = [[t.to(device) for t in run_transformer(oracle, dtype, oracle_device, train)]
+                     for train in (False, True)]
+    expected = [t.to(device) if isinstance(t, torch.Tensor) else {n: g.to(device) for n, g in t.items()}
+                for t in run_training_step(oracle, dtype, oracle_device)]
     got_maps = [run_transformer(model, dtype, device, train) for train in (False, True)]
     got = run_training_step(model, dtype, device)
 
