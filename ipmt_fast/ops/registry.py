@@ -33,11 +33,14 @@ import torch
 
 BACKENDS = ("reference", "torch", "triton", "compiled")
 
-# What `auto` tries, in order, per device type. The compiled extension leads on the CPU because
-# it is the only backend there that avoids the reference's large intermediates without Python
-# overhead; on CUDA the Triton kernels lead.
+# What `auto` tries, in order, per device type, chosen by measurement (NOTES.md,
+# benches/results/): on an H100 at IPMT's sizes the model is bound by kernel-launch overhead, and
+# the compiled CUDA deformable sampling plus the fused torch forms of the other ops (fewest
+# launches) ran fastest: 1.44x the reference at B=16, while the Triton kernels' extra launches
+# cost more than they saved there. On the CPU the compiled extension avoids the reference's large
+# intermediates without Python overhead. The Triton kernels stay available by name.
 AUTO_PREFERENCE = {
-    "cuda": ("triton", "compiled", "torch", "reference"),
+    "cuda": ("compiled", "torch", "triton", "reference"),
     "cpu": ("compiled", "torch", "reference"),
 }
 
