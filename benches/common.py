@@ -291,11 +291,16 @@ class SavedTensorBytes:
     storages of ``excluded`` tensors (parameters, buffers) are not counted. Tensors a custom
     ``autograd.Function`` keeps as plain ``ctx`` attributes instead of ``save_for_backward`` are
     invisible here.
+
+    With ``trace=True`` each storage is also attributed to the source line that saved it (the
+    innermost frame in the project's code), for :meth:`by_site`.
     """
 
-    def __init__(self, excluded: Iterable[torch.Tensor] = ()):
+    def __init__(self, excluded: Iterable[torch.Tensor] = (), trace: bool = False):
         self._excluded = {_storage_key(t) for t in excluded}
         self._seen: Dict[tuple, int] = {}
+        self._sites: Dict[tuple, str] = {}
+        self._trace = trace
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
@@ -306,6 +311,8 @@ class SavedTensorBytes:
             key, nbytes = ("nostorage", id(t)), t.numel() * t.element_size()
         if key not in self._excluded and key[-1] != 0:
             self._seen[key] = nbytes
+            if self._trace and key not in self._sites:
+                self._sites[key] = f"{_project_frame()} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
         return t
 
     @staticmethod
@@ -316,12 +323,35 @@ class SavedTensorBytes:
     def nbytes(self) -> int:
         return sum(self._seen.values())
 
+    def by_site(self) -> List[tuple]:
+        """``(bytes, count, site)`` per saving source line and tensor shape, largest first (trace=True)."""
+        totals: Dict[str, List[int]] = {}
+        for key, site in self._sites.items():
+            entry = totals.setdefault(site, [0, 0])
+            entry[0] += self._seen[key]
+            entry[1] += 1
+        return sorted(((b, n, site) for site, (b, n) in totals.items()), reverse=True)
+
     def __enter__(self) -> "SavedTensorBytes":
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+# Source folders whose frames name a saving site (the project's code, not torch's).
+PROJECT_DIRS = ("ipmt_fast", "kernels")
+
+
+def _project_frame() -> str:
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        parts = Path(frame.filename).parts
+        if any(d in parts for d in PROJECT_DIRS) and "benches" not in parts:
+            return f"{'/'.join(parts[-2:])}:{frame.lineno} {frame.name}: {(frame.line or '').strip()[:60]}"
+    return "(outside the project)"
 
 
 def _proc_status_bytes(field: str) -> Optional[int]:

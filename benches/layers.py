@@ -238,15 +238,23 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, with_compile:
                 row.update(common.measure_memory(variants[name], device, excluded=bench.parameters_and_buffers()))
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 row["memory_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if args.saved_breakdown:
+            print_saved_breakdown(variants[name], bench, f"{bench.name} L={bench.num_layers} {dtype_name} {name}",
+                                  args.saved_breakdown, log)
         rows.append(row)
     for name, reason in failures.items():
         rows.append(dict(base, variant=name, error=reason))
     return rows
 
 
-def _mem(row: dict) -> Optional[int]:
-    """The memory figure compared across backends: CUDA peak when measured, else saved bytes."""
-    return row.get("peak_bytes") if row.get("peak_bytes") is not None else row.get("saved_bytes")
+def print_saved_breakdown(run: Callable[[], None], bench, title: str, top: int, log=print) -> None:
+    """One more call, its saved tensors attributed to the source lines that saved them."""
+    saved = common.SavedTensorBytes(bench.parameters_and_buffers(), trace=True)
+    with saved:
+        run()
+    log(f"# saved for backward, {title}: {common.fmt_mib(saved.nbytes)} MiB; largest sites:")
+    for nbytes, count, site in saved.by_site()[:top]:
+        log(f"  {common.fmt_mib(nbytes):>8} MiB  x{count:<3} {site}")
 
 
 def per_layer_rows(rows: List[dict]) -> List[dict]:
@@ -338,6 +346,8 @@ def parse_args(argv=None):
                    help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
                         "and retake samples they disturbed (0 = off; default 30 on CPU, 0 on CUDA)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--saved-breakdown", type=int, default=0, metavar="K",
+                   help="print the K largest saving sites (source line, shape) of each variant's saved tensors")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", default="layers", help="file name stem of the outputs")
     p.add_argument("--no-plot", action="store_true")
