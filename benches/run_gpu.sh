@@ -100,14 +100,14 @@ stage transformer "$T_TRANSFORMER" $PY -m benches.layers --bench transformer --l
 stage ops "$T_OPS" $PY -m benches.ops --batch 4 --tokens 900,3600,18000 --widths 384 --dtypes bf16,fp32 \
     --warmup 5 --repeats 30 --no-compile --tag ops
 
-# 7. torch.compile of the reference transformer against the backends (L = 5, bf16).
+# 7. The full training step (ResNet-50, forward + backward + SGD/AdamW), reference vs auto.
+stage step "$T_STEP" $PY -m benches.layers --bench step --layers 1,3,5,8 --batch 4 --dtypes bf16,fp32 \
+    --backends reference,auto --warmup 2 --repeats 5 --tag layers-step
+
+# 8. torch.compile of the reference transformer against the backends (L = 5, bf16).
 stage transformer-compile "$T_COMPILE" $PY -m benches.layers --bench transformer --layers 5 --batch 4 \
     --dtypes bf16 --backends reference,triton,auto --compile-layers 5 --warmup 3 --repeats 10 \
     --tag layers-transformer-compile
-
-# 8. The full training step (ResNet-50, forward + backward + SGD/AdamW), reference vs auto.
-stage step "$T_STEP" $PY -m benches.layers --bench step --layers 1,3,5,8 --batch 4 --dtypes bf16,fp32 \
-    --backends reference,auto --warmup 2 --repeats 5 --tag layers-step
 
 # 9. torch.compile of each op's reference (bf16, 1 and 5 shots).
 stage ops-compile "$T_OPS" $PY -m benches.ops --batch 4 --tokens 3600,18000 --widths 384 --dtypes bf16 \
