@@ -69,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="total iterations (overrides --epochs)")
     g.add_argument("--epochs", type=int, help="epochs (published 200 on PASCAL)")
     g.add_argument("--base-lr", type=float, help="SGD base lr before the x15 scaling (published 0.0025)")
+    g.add_argument("--scale-lr", type=float, help="multiplier of the SGD lr (published 15)")
+    g.add_argument("--aux-weight", type=float, help="weight of the duplex segmentation loss (published 1.0)")
+    g.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm (not in the published recipe)")
     g.add_argument("--backbone-weights", help="PFENet deep-stem ImageNet ResNet (resnet50_v2.pth)")
     g.add_argument("--weight", help="initial weights of the whole model (published or ours)")
     g.add_argument("--resume", help="continue a run from its checkpoint (OUT/last.pt)")
-    g.add_argument("--out", help="output folder (default runs/ipmt)")
+    g.add_argument("--out", help="output folder (default runs/<data>)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None, help="validate during training")
     g.add_argument("--eval-every", type=int, help="iterations between validations (default: one epoch)")
     g.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=None,
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", dest="batch_size_val", type=int, help="episodes per forward pass")
     ev.add_argument("--original-resolution", action=argparse.BooleanOptionalAction, default=None,
                     help="score on the original labels (default, published ori_resize) or on the resized ones")
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
 
     pr = sub.add_parser("predict", help="segment a query image given annotated support images", description=(
         "Segment the class shown by the support masks in the query image. Writes the query with the "
@@ -206,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)[1]
         result = evaluate(model, dataset, classes, device, batch_size=cfg.batch_size_val, workers=cfg.workers,
                           amp=cfg.amp, original_resolution=cfg.original_resolution, dist_ctx=ctx,
-                          progress=ctx.is_main)
+                          progress=ctx.is_main and cfg.progress)
         if ctx.is_main:
             print(f"{cfg.data} fold {cfg.split}, {cfg.shot}-shot, {result.episodes} episodes, input {cfg.val_size}")
             for c, iou in result.class_iou.items():

@@ -32,7 +32,7 @@ def one_step(out_dir, global_batch):
             module.p = 0.0
     cfg = make_config(data="synthetic", train_h=33, val_size=33, reduce_dim=32, num_layers=1,
                       batch_size=global_batch, steps=3, eval=False, workers=0, progress=False, out=str(out_dir),
-                      synthetic_length=8)
+                      synthetic_length=8, aux_weight=1.0)
     trainer = Trainer(cfg, model=model)
     model.train()
     trainer.sampler.set_epoch(0)

@@ -18,7 +18,7 @@ SIZE = 33
 def small_config(out, **overrides):
     values = dict(data="synthetic", train_h=SIZE, val_size=SIZE, reduce_dim=32, num_layers=1, batch_size=2,
                   steps=4, eval=False, eval_at_start=False, val_episodes=2, workers=0, progress=False,
-                  out=str(out), synthetic_length=16, print_freq=1)
+                  out=str(out), synthetic_length=16, print_freq=1, aux_weight=1.0)
     values.update(overrides)
     return make_config(**values)
 
@@ -213,3 +213,13 @@ def test_autocast_step(small_model, tmp_path, amp):
     assert all(torch.isfinite(v) for v in losses.values())
     assert trainer.scaler.is_enabled() == (amp == "fp16")
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_gradient_clipping_bounds_the_step(small_model, tmp_path):
+    trainer = Trainer(small_config(tmp_path, steps=2, batch_size=1, clip_grad_norm=1e-3),
+                      model=copy.deepcopy(small_model))
+    trainer.model.train()
+    trainer.sampler.set_epoch(0)
+    trainer.train_step(next(iter(trainer.train_loader)))
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 1e-3 * (1 + 1e-5)

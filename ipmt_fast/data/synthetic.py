@@ -149,11 +149,11 @@ SYNTHETIC_FOLDS = 4
 CLASSES_PER_FOLD = NUM_SYNTHETIC_CLASSES // SYNTHETIC_FOLDS
 
 # Scene statistics (fractions are of the scene's shorter side).
-OBJECT_RADIUS = (0.2, 0.32)
+OBJECT_RADIUS = (0.28, 0.4)
 SECOND_INSTANCE_SHRINK = 0.75
 SECOND_INSTANCE_P = 0.25
-DISTRACTOR_COUNT_P = (0.4, 0.45, 0.15)  # probability of 0, 1, 2 distractor objects
-CLUTTER_COUNT = (2, 6)
+DISTRACTOR_COUNT_P = (0.8, 0.2, 0.0)  # probability of 0, 1, 2 distractor objects
+CLUTTER_COUNT = (0, 2)
 CLUTTER_RADIUS = (0.04, 0.12)
 ASPECT_JITTER = (0.85, 1.15)
 COLOUR_JITTER = 15.0

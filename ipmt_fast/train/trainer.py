@@ -283,6 +283,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.transformer_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.transformer_optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.cfg.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.step(self.transformer_optimizer)
         self.scaler.update()
