@@ -115,8 +115,10 @@ def test_published_config_keys(tmp_path):
                     "  evaluate: True\n  use_coco: False\n  use_split_coco: False\n  resized_val: True\n"
                     "  ori_resize: True\nDistributed:\n  dist_url: tcp://127.0.0.1:6789\n  world_size: 1\n")
     cfg = make_config(str(path))
-    assert (cfg.data, cfg.data_root, cfg.layers, cfg.reduce_dim, cfg.num_layers) == ("pascal", "data/pascal", 101, 384, 5)
-    assert (cfg.split, cfg.shot, cfg.out, cfg.weight, cfg.epochs, cfg.val_episodes) == (2, 5, "exp/model", None, 200, 1000)
+    assert (cfg.data, cfg.data_root, cfg.layers, cfg.reduce_dim, cfg.num_layers) == \
+        ("pascal", "data/pascal", 101, 384, 5)
+    assert (cfg.split, cfg.shot, cfg.out, cfg.weight, cfg.epochs, cfg.val_episodes, cfg.aux_weight) == \
+        (2, 5, "exp/model", None, 200, 1000, 1.0)
     # Flags override the file.
     assert make_config(str(path), split=3).split == 3
     path.write_text("TRAIN:\n  hidden_dim: 384\n")
@@ -138,11 +140,16 @@ def test_bad_inputs_give_clear_errors(trained, tmp_path):
     assert code == 2 and "wrong shape" in stderr and "adjust_feature_qry" in stderr
 
 
-def test_published_checkpoint_of_another_architecture_is_refused(tmp_path):
+def test_published_checkpoint_layout_loads_and_other_architectures_are_refused(tmp_path):
+    # The published layout: {'epoch', 'state_dict' with DataParallel's 'module.' prefix, 'optimizer'}.
     torch.manual_seed(0)
-    state = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
-                                        ipmt_fast.IPMT(reduce_dim=16, num_layers=1).state_dict().items()}}
+    weights = ipmt_fast.IPMT(reduce_dim=16, num_layers=1).state_dict()
+    state = {"epoch": 3, "optimizer": {}, "state_dict": {f"module.{k}": v for k, v in weights.items()}}
     torch.save(state, tmp_path / "published.pth")
-    code, _, stderr = run_cli("eval", "--checkpoint", str(tmp_path / "published.pth"), "--data", "synthetic",
-                              "--reduce-dim", "32", "--num-layers", "2", "--image-size", "33", "--episodes", "1")
+    common = ["--checkpoint", str(tmp_path / "published.pth"), "--data", "synthetic", "--image-size", "33",
+              "--episodes", "2", "--workers", "0", "--no-progress"]
+    code, stdout, stderr = run_cli("eval", *common, "--reduce-dim", "16", "--num-layers", "1")
+    assert code == 0, stderr
+    assert SUMMARY_LINE.match(stdout.splitlines()[-1])
+    code, _, stderr = run_cli("eval", *common, "--reduce-dim", "32", "--num-layers", "2")
     assert code == 2 and "missing: " in stderr and "transformer." in stderr

@@ -192,8 +192,9 @@ class Trainer:
 
     Args:
         cfg: a resolved :class:`~ipmt_fast.train.config.TrainConfig`.
-        model: an IPMT to train (default: built from ``cfg``); its dtype (e.g. float64) is used
-            for the inputs too.
+        model: an IPMT to train, used as given (default: built from ``cfg``, with a random
+            backbone calibrated, see :func:`calibrate_frozen_batchnorm`); its dtype (e.g.
+            float64) is used for the inputs too.
         train_data, val_data: episode sources (default: built from ``cfg``).
         dist_ctx: the process-group context (default: from torchrun's environment).
     """
