@@ -15,6 +15,7 @@ number of workers and ranks and a resumed run sees the same episodes.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -245,7 +246,7 @@ def binarize(label: np.ndarray, class_id: int) -> np.ndarray:
     return out
 
 
-class EpisodeSource(torch.utils.data.Dataset):
+class EpisodeSource(torch.utils.data.Dataset, abc.ABC):
     """Base of every episode dataset: seeding and the common assembly of an episode.
 
     ``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) returns a dict with
@@ -264,8 +265,9 @@ class EpisodeSource(torch.utils.data.Dataset):
     def episode_rng(self, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, MODE_SEED[self.mode], int(epoch), int(index)])
 
+    @abc.abstractmethod
     def episode(self, epoch: int, index: int) -> dict:
-        raise NotImplementedError
+        """The episode ``index`` of ``epoch`` (see the class docstring for its keys)."""
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
