@@ -41,3 +41,12 @@ def test_linear_slope():
 
 def test_device_label_cpu():
     assert common.device_label(torch.device("cpu")) == f"cpu-{common.cpu_core_count()}core"
+
+
+def test_quiet_gate_keeps_every_sample():
+    if not common.OtherProcessesClock.available():
+        return  # no /proc: the gate is off
+    stats = common.measure_interleaved({"ok": lambda: torch.ones(64).sum()}, torch.device("cpu"), warmup=1,
+                                       repeats=2, quiet_wait_s=0.6, log=lambda _: None)
+    assert stats["ok"].n == 2 and stats["ok"].retaken >= 0 and stats["ok"].disturbed >= 0
+    assert common.OtherProcessesClock().start().seconds() >= 0
