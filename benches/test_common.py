@@ -1,6 +1,7 @@
 """Checks of the benchmark helpers themselves (quick; not part of the CI suite in tests/)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from . import common
@@ -45,7 +46,7 @@ def test_device_label_cpu():
 
 def test_quiet_gate_keeps_every_sample():
     if not common.OtherProcessesClock.available():
-        return  # no /proc: the gate is off
+        pytest.skip("no /proc here: the quiet gate is off")
     stats = common.measure_interleaved({"ok": lambda: torch.ones(64).sum()}, torch.device("cpu"), warmup=1,
                                        repeats=2, quiet_wait_s=0.6, log=lambda _: None)
     assert stats["ok"].n == 2 and stats["ok"].retaken >= 0 and stats["ok"].disturbed >= 0
