@@ -491,6 +491,13 @@ def fmt_ms(seconds_or_ms: Optional[float], already_ms: bool = True) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
 
+def fmt_iqr(row: dict) -> str:
+    """A row's interquartile range as a percentage of its median."""
+    if row.get("median_ms") is None:
+        return "-"
+    return f"{100 * (row['p75_ms'] - row['p25_ms']) / row['median_ms']:.0f}"
+
+
 def fmt_mib(nbytes: Optional[float]) -> str:
     return "-" if nbytes is None else f"{nbytes / MIB:.1f}"
 

@@ -305,7 +305,7 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
 TABLE_COLUMNS = [
     ("bench", "bench"), ("L", "num_layers"), ("dtype", "dtype"), ("variant", "variant"),
     ("median ms", lambda r: common.fmt_ms(r.get("median_ms"))),
-    ("IQR %", lambda r: "-" if r.get("median_ms") is None else f"{100 * (r['p75_ms'] - r['p25_ms']) / r['median_ms']:.0f}"),
+    ("IQR %", common.fmt_iqr),
     ("n", "samples"),
     ("retaken/disturbed", lambda r: f"{r.get('retaken_samples', 0)}/{r.get('disturbed_samples', 0)}"),
     ("vs ref", lambda r: common.fmt_ratio(r.get("speedup_vs_reference"))),

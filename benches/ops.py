@@ -220,6 +220,42 @@ def all_variants(case: OpCase, device: torch.device, use_compile: bool, compiled
     return variants
 
 
+def capture_graph(fn: Callable, sets: Sequence[OpInputs], mode: str) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph that runs ``fn`` once on each input set (so one replay rotates over them all).
+
+    Replaying it times the kernels without Python, autograd and launch overhead: the device time
+    the memory-traffic floor is compared with."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture requires
+        for inputs in sets:
+            run_once(fn, inputs, mode)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inputs in sets:
+            run_once(fn, inputs, mode)
+    return graph
+
+
+def graph_times(variants: Dict[str, Callable], sets: Sequence[OpInputs], mode: str, device: torch.device, args,
+                log=print) -> Dict[str, float]:
+    """Seconds per call of each variant replayed from a CUDA graph (variants that cannot be
+    captured, e.g. ones that read a tensor back to the host, are logged and left out)."""
+    graphs = {}
+    for name, fn in variants.items():
+        try:
+            graphs[name] = capture_graph(fn, sets, mode)
+        except Exception as exc:  # noqa: BLE001 - not capturable: no graph time for it
+            log(f"  no CUDA graph for {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            torch.cuda.synchronize(device)
+    stats = common.measure_interleaved({name: g.replay for name, g in graphs.items()}, device, warmup=args.warmup,
+                                       repeats=args.repeats, min_sample_s=args.min_sample_ms / 1e3, log=log)
+    del graphs
+    torch.cuda.empty_cache()
+    return {name: st.median / len(sets) for name, st in stats.items()}
+
+
 def bench_config(case: OpCase, mode: str, dtype_name: str, b: int, n: int, c: int, device: torch.device,
                  args, compiled_cache: dict, bandwidth: Optional[float], log=print) -> List[dict]:
     dtype = common.DTYPES[dtype_name]
@@ -230,6 +266,10 @@ def bench_config(case: OpCase, mode: str, dtype_name: str, b: int, n: int, c: in
                                        warmup=args.warmup, repeats=args.repeats,
                                        min_sample_s=args.min_sample_ms / 1e3, failures=failures, log=log,
                                        quiet_wait_s=args.quiet_wait)
+    graphed = {}
+    if device.type == "cuda" and not args.no_graphs:
+        graphed = graph_times({name: variants[name] for name in stats if name != COMPILE_VARIANT}, sets, mode,
+                              device, args, log)
     floor = traffic_floor_bytes(case, sets[0], mode)
     base = dict(op=case.name, mode=mode, dtype=dtype_name, batch=b, tokens=n, width=c, input_sets=len(sets),
                 floor_bytes=floor)
@@ -238,9 +278,14 @@ def bench_config(case: OpCase, mode: str, dtype_name: str, b: int, n: int, c: in
     for name, st in stats.items():
         row = dict(base, variant=name, **common.stats_fields(st))
         row["speedup_vs_reference"] = ref.median / st.median if ref else None
+        if name in graphed:
+            row["graph_ms"] = graphed[name] * 1e3
         if bandwidth:
+            # Against the floor: the graph-replayed device time where there is one, else the eager time.
+            device_s = graphed.get(name, st.median)
             row["floor_ms"] = floor / bandwidth * 1e3
-            row["floor_fraction"] = floor / bandwidth / st.median
+            row["floor_fraction"] = floor / bandwidth / device_s
+            row["floor_fraction_of"] = "graph" if name in graphed else "eager"
         if not args.no_memory:
             try:
                 row.update(common.measure_memory(lambda: run_once(variants[name], sets[0], mode), device,
@@ -257,8 +302,9 @@ TABLE_COLUMNS = [
     ("op", "op"), ("mode", "mode"), ("dtype", "dtype"), ("B", "batch"), ("N", "tokens"), ("C", "width"),
     ("variant", "variant"),
     ("median ms", lambda r: common.fmt_ms(r.get("median_ms"))),
-    ("IQR %", lambda r: "-" if "median_ms" not in r else f"{100 * (r['p75_ms'] - r['p25_ms']) / r['median_ms']:.0f}"),
+    ("IQR %", common.fmt_iqr),
     ("vs ref", lambda r: common.fmt_ratio(r.get("speedup_vs_reference"))),
+    ("graph ms", lambda r: common.fmt_ms(r.get("graph_ms"))),
     ("floor MiB", lambda r: common.fmt_mib(r["floor_bytes"])),
     ("floor ms", lambda r: common.fmt_ms(r.get("floor_ms"))),
     ("of floor", lambda r: "-" if r.get("floor_fraction") is None else f"{r['floor_fraction']:.2f}"),
@@ -290,8 +336,9 @@ def summary_rows(rows: List[dict], device_label: str) -> List[dict]:
         ref_saved, best_saved = by_name["reference"].get("saved_bytes"), best.get("saved_bytes")
         if ref_saved and best_saved is not None and key[1] == "fwdbwd":
             summary["saved_vs_reference"] = best_saved / ref_saved
-        if best.get("floor_fraction") is not None:
-            summary["of_floor"] = best["floor_fraction"]
+        fractions = [(r["floor_fraction"], r["variant"]) for r in fused if r.get("floor_fraction") is not None]
+        if fractions:  # the fused backend closest to the floor
+            summary["of_floor"], summary["of_floor_backend"] = max(fractions)
         out.append(summary)
     return out
 
@@ -303,7 +350,8 @@ SUMMARY_COLUMNS = [
     ("compile/fused", lambda r: common.fmt_ratio(r.get(f"vs {COMPILE_VARIANT}"))),
     ("sdpa/fused", lambda r: common.fmt_ratio(r.get(f"vs {SDPA_VARIANT}"))),
     ("saved fused/ref", lambda r: "-" if r.get("saved_vs_reference") is None else f"{r['saved_vs_reference']:.2f}"),
-    ("of floor", lambda r: "-" if r.get("of_floor") is None else f"{r['of_floor']:.2f}"),
+    ("best of floor", lambda r: "-" if r.get("of_floor") is None
+     else f"{r['of_floor']:.2f} {r.get('of_floor_backend', '')}"),
 ]
 
 
@@ -325,6 +373,8 @@ def parse_args(argv=None):
                    help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
                         "and retake samples they disturbed (0 = off)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="CUDA: skip the CUDA-graph replay timing (device time without launch overhead)")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", default="ops", help="file name stem of the outputs")
     p.add_argument("--no-plot", action="store_true")
@@ -360,15 +410,15 @@ def main(argv=None) -> List[dict]:
         common.write_json({"meta": meta, "rows": rows, "summary": summary}, out_dir / f"{args.tag}.json")
         return summary
 
-    for name in names:
-        case = CASES[name]
-        for mode in common.parse_str_list(args.modes):
-            for dtype_name in common.parse_str_list(args.dtypes):
-                for c in common.parse_int_list(args.widths):
-                    for n in common.parse_int_list(args.tokens):
+    # Shapes outermost, ops innermost: a run cut short has every op at the first shapes.
+    for dtype_name in common.parse_str_list(args.dtypes):
+        for c in common.parse_int_list(args.widths):
+            for n in common.parse_int_list(args.tokens):
+                for name in names:
+                    for mode in common.parse_str_list(args.modes):
                         print(f"# {name} {mode} {dtype_name} B={args.batch} N={n} C={c}", flush=True)
-                        new = bench_config(case, mode, dtype_name, args.batch, n, c, device, args, compiled_cache,
-                                           bandwidth)
+                        new = bench_config(CASES[name], mode, dtype_name, args.batch, n, c, device, args,
+                                           compiled_cache, bandwidth)
                         print(common.format_table([r for r in new if "median_ms" in r], TABLE_COLUMNS[6:]),
                               flush=True)
                         rows.extend(new)
