@@ -95,7 +95,11 @@ def ms_deform_sample_torch(value, spatial_shapes, level_start_index, sampling_lo
             on_map = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)
             bilinear = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
             corner_weights.append(torch.where(on_map, bilinear * weights[:, :, :, lvl], 0))
-            token = start + cy.clamp(0, height - 1).long() * width + cx.clamp(0, width - 1).long()
+            # nan_to_num: a NaN location must not become an out-of-range index (its weight is
+            # already zero: NaN fails every on_map comparison).
+            row = cy.nan_to_num(0.0).clamp(0, height - 1).long()
+            col = cx.nan_to_num(0.0).clamp(0, width - 1).long()
+            token = start + row * width + col
             indices.append(base + token * heads)
     indices = torch.stack(indices, dim=-1).reshape(b * nq * heads, -1)
     corner_weights = torch.stack(corner_weights, dim=-1).reshape(b * nq * heads, -1).to(value.dtype)
