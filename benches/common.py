@@ -60,6 +60,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def parse_with_device_defaults(parser, argv, defaults):
+    """Parse ``argv``, resolve ``--device``, and fill every option left at None from
+    ``defaults['cuda' or 'cpu']``. Returns ``(args, device)``."""
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    for key, value in defaults["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args, device
+
+
 def cpu_core_count() -> int:
     try:
         return len(os.sched_getaffinity(0))

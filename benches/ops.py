@@ -378,11 +378,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", default="ops", help="file name stem of the outputs")
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
-    device = common.resolve_device(args.device)
-    for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args, device = common.parse_with_device_defaults(p, argv, DEFAULTS)
     return args, device
 
 
