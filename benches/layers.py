@@ -32,7 +32,7 @@ import torch
 
 import ipmt_fast
 from ipmt_fast.ops import registry
-from ipmt_fast.model.transformer import IPMTransformer, OpModule
+from ipmt_fast.model.transformer import IPMTransformer
 
 from . import common
 
@@ -57,16 +57,6 @@ DEFAULTS = {
     "cuda": dict(layers="1,3,5,8", batch=4, dtypes="bf16,fp32", warmup=3, repeats=10, compile_layers="",
                  quiet_wait=0.0),
 }
-
-
-def set_backend(module: torch.nn.Module, backend: str) -> None:
-    """Route every op of ``module`` through ``backend`` (the network's ``set_backend`` if it has one)."""
-    if hasattr(module, "set_backend"):
-        module.set_backend(backend)
-        return
-    for m in module.modules():
-        if isinstance(m, OpModule):
-            m.backend = backend
 
 
 def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None, log=print) -> List[str]:
@@ -161,7 +151,7 @@ class TransformerBench:
 
         def run():
             if module is self.model:
-                set_backend(self.model, backend)
+                self.model.set_backend(backend)
             module.zero_grad(set_to_none=True)
             self.x.grad = self.s_x.grad = None
             outs = self._outputs(module, autocast)
@@ -173,7 +163,7 @@ class TransformerBench:
 
     def compiled_reference(self) -> torch.nn.Module:
         clone = copy.deepcopy(self.model)
-        set_backend(clone, "reference")
+        clone.set_backend("reference")
         return torch.compile(clone)
 
 

@@ -242,6 +242,26 @@ def test_backbone_loads_pfenet_layout_file(tmp_path):
         ipmt_fast.IPMT(reduce_dim=SMALL_DIM, num_layers=1, backbone_weights=str(path))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_constructor_backend_reaches_every_op(backend, monkeypatch):
+    """``IPMT(backend=...)`` alone (no ``set_backend``) routes every op call through that backend."""
+    from ipmt_fast.ops import registry
+    requested = []
+    get_implementation = registry.get_implementation
+
+    def recording(op, name, device):
+        requested.append((op, name))
+        return get_implementation(op, name, device)
+
+    monkeypatch.setattr(registry, "get_implementation", recording)
+    torch.manual_seed(0)
+    model = ipmt_fast.IPMT(reduce_dim=SMALL_DIM, num_layers=2, backend=backend).train()
+    model(*episode(1, 1, 97))
+    ops = {op for op, _ in requested}
+    assert ops == set(registry._REGISTRY), ops
+    assert {name for _, name in requested} == {backend}
+
+
 def test_set_backend_switches_and_validates():
     model = small_model()
     assert model.set_backend("torch") is model and model.backend == "torch"

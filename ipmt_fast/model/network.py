@@ -8,7 +8,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .losses import duplex_segmentation_loss, weighted_dice_loss
-from .transformer import LABEL_FOREGROUND, LABEL_PADDING, IPMTransformer, OpModule, check_backend_name
+from .transformer import LABEL_FOREGROUND, LABEL_PADDING, IPMTransformer
 
 MID_LEVEL_CHANNELS = 512 + 1024  # layer2 + layer3
 HIGH_LEVEL_CHANNELS = 2048  # layer4
@@ -86,10 +86,7 @@ class IPMT(nn.Module):
 
     def set_backend(self, backend: str) -> "IPMT":
         """Route every op through ``backend`` (same weights, same math). Returns ``self``."""
-        check_backend_name(backend)
-        for m in self.modules():
-            if isinstance(m, OpModule):
-                m.backend = backend
+        self.transformer.set_backend(backend)
         return self
 
     # ----------------------------------------------------------------------------------------

@@ -227,8 +227,17 @@ class IPMTransformer(OpModule):
         self.mask_embed = FFN(c, c, dropout)
         self.decoder_norm = nn.LayerNorm(c)
         self.prototype = nn.Embedding(1, c)
-        self.backend = check_backend_name(backend)
+        self.set_backend(backend)
         self.reset_parameters()
+
+    def set_backend(self, backend: str) -> "IPMTransformer":
+        """Route every op of this transformer through ``backend`` (same weights, same math).
+        Returns ``self``."""
+        check_backend_name(backend)
+        for m in self.modules():
+            if isinstance(m, OpModule):
+                m.backend = backend
+        return self
 
     def reset_parameters(self):
         """The published initialisation: xavier for every linear (zero bias), then the
