@@ -59,18 +59,32 @@ DEFAULTS = {
 }
 
 
+# A variant is a model-wide backend name, optionally with this suffix: the transformer's FFNs then
+# recompute their hidden activations in backward instead of keeping them (``recompute_ffn``).
+RECOMPUTE_SUFFIX = "+recompute"
+
+
+def configure(model: torch.nn.Module, variant: str) -> None:
+    """Set ``model`` (an ``IPMT`` or ``IPMTransformer``) up as ``variant``."""
+    backend = variant.removesuffix(RECOMPUTE_SUFFIX)
+    model.set_backend(backend)
+    model.set_recompute_ffn(backend != variant)
+
+
 def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None, log=print) -> List[str]:
-    """Model-wide backend names worth running on ``device``: ``reference``, then every other
-    name that some op registers and that can run there for each op having it, then ``auto``
-    (what a user gets by default; its per-op choice is logged). A name some op lacks stays in:
-    if the model cannot route it, its warm-up fails and the reason is reported."""
-    ops = list(registry._REGISTRY)
+    """Variants worth running on ``device``: ``reference``, then every other backend name that
+    some op registers and that can run there for each op having it, then ``auto`` (what a user
+    gets by default; its per-op choice is logged) and ``auto+recompute`` (see ``RECOMPUTE_SUFFIX``).
+    A name some op lacks stays in: if the model cannot route it, its warm-up fails and the reason
+    is reported."""
+    ops = list(registry.registered_ops())
     chosen = []
-    for backend in wanted or (*registry.BACKENDS, "auto"):
+    for variant in wanted or (*registry.BACKENDS, "auto", "auto" + RECOMPUTE_SUFFIX):
+        backend = variant.removesuffix(RECOMPUTE_SUFFIX)
         if backend == "auto":
             picks = ", ".join(f"{op}: {registry.selected_backend(op, 'auto', device)}" for op in ops)
             log(f"# auto on {device.type} -> {picks}")
-            chosen.append(backend)
+            chosen.append(variant)
             continue
         having = [op for op in ops if backend in registry.registered_backends(op)]
         if not having:
@@ -85,7 +99,7 @@ def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None,
         if reasons:
             log(f"# skipping backend {backend!r}: {reasons[0]}")
             continue
-        chosen.append(backend)
+        chosen.append(variant)
     return chosen
 
 
@@ -151,7 +165,7 @@ class TransformerBench:
 
         def run():
             if module is self.model:
-                self.model.set_backend(backend)
+                configure(self.model, backend)
             module.zero_grad(set_to_none=True)
             self.x.grad = self.s_x.grad = None
             outs = self._outputs(module, autocast)
@@ -163,7 +177,7 @@ class TransformerBench:
 
     def compiled_reference(self) -> torch.nn.Module:
         clone = copy.deepcopy(self.model)
-        clone.set_backend("reference")
+        configure(clone, "reference")
         return torch.compile(clone)
 
 
@@ -201,7 +215,7 @@ class StepBench:
         autocast = autocast_for(dtype_name, self.device)
 
         def run():
-            self.model.set_backend(backend)
+            configure(self.model, backend)
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             with autocast():
@@ -330,7 +344,9 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=384, help="hidden width C (reduce_dim)")
     p.add_argument("--backbone", type=int, default=50, choices=(50, 101), help="ResNet depth (step bench)")
     p.add_argument("--dtypes", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--backends", help="comma-separated backend names (default: every runnable one)")
+    p.add_argument("--backends", help="comma-separated variants: backend names, each optionally with +recompute "
+                   "(FFN hidden activations recomputed in backward); default: every runnable backend, "
+                   "auto and auto+recompute")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight", help="initial weights of the whole model (published or ours)")
     g.add_argument("--resume", help="continue a run from its checkpoint (OUT/last.pt)")
     g.add_argument("--out", help="output folder (default runs/<data>)")
+    g.add_argument("--recompute-ffn", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute the transformer FFNs' hidden activations in backward (less memory)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None, help="validate during training")
     g.add_argument("--eval-every", type=int, help="iterations between validations (default: one epoch)")
     g.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=None,

@@ -54,6 +54,18 @@ def test_help(command):
         assert flag in stdout
 
 
+@pytest.mark.parametrize("flag, expected", [([], False), (["--recompute-ffn"], True)])
+def test_recompute_ffn_flag_reaches_the_model(flag, expected):
+    from ipmt_fast.cli import _overrides, build_parser
+    from ipmt_fast.model.transformer import FFN
+    from ipmt_fast.train.trainer import build_model
+
+    cfg = make_config(None, **_overrides(build_parser().parse_args(["train", *TINY, *flag])))
+    assert cfg.recompute_ffn is expected
+    ffns = [m for m in build_model(cfg).modules() if isinstance(m, FFN)]
+    assert ffns and all(m.recompute_hidden is expected for m in ffns)
+
+
 def test_module_and_console_entry_points():
     module = subprocess.run([sys.executable, "-m", "ipmt_fast", "eval", "--help"], capture_output=True, text=True,
                             timeout=120)

@@ -75,7 +75,7 @@ def _train_losses_and_weights(model, tmp_path, steps):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_reference_and_torch_backends_train_alike(small_model, tmp_path, dtype, rtol):
-    missing = [op for op in registry._REGISTRY if "torch" not in registry.registered_backends(op)]
+    missing = [op for op in registry.registered_ops() if "torch" not in registry.registered_backends(op)]
     if missing:
         pytest.skip(f"no torch backend registered yet for {missing}")
     steps = 2

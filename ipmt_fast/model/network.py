@@ -52,6 +52,9 @@ class IPMT(nn.Module):
             :meth:`set_backend`; the weights and the result do not change.
         backbone_weights: path (or state dict) of PFENet's deep-stem ImageNet ResNet
             (``resnet50_v2.pth``); random initialisation when None.
+        recompute_ffn: in training, keep only the transformer FFNs' dropout masks (bools) for
+            backward and recompute their hidden activations there: less memory for one more
+            matmul per FFN; same values. Switch later with :meth:`set_recompute_ffn`.
 
     ``forward(x, s_x, s_y, y=None)`` takes ImageNet-normalised images ``x (B, 3, H, W)`` and
     ``s_x (B, S, 3, H, W)`` with ``(H - 1) % 8 == 0``, support labels ``s_y (B, S, H, W)`` and
@@ -61,7 +64,7 @@ class IPMT(nn.Module):
     """
 
     def __init__(self, layers: int = 50, shot: int = 1, reduce_dim: int = 384, num_layers: int = 5,
-                 backend: str = "auto", backbone_weights=None):
+                 backend: str = "auto", backbone_weights=None, recompute_ffn: bool = False):
         super().__init__()
         if shot < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
@@ -72,7 +75,8 @@ class IPMT(nn.Module):
         self.high_avg_pool = nn.AdaptiveAvgPool1d(c)
         self.qry_merge_feat = nn.Sequential(*_conv_relu(2 * c + 1, c))  # + 1 prior channel
         self.supp_merge_feat = nn.Sequential(*_conv_relu(2 * c, c))
-        self.transformer = IPMTransformer(embed_dims=c, num_layers=num_layers, shot=shot, backend=backend)
+        self.transformer = IPMTransformer(embed_dims=c, num_layers=num_layers, shot=shot, backend=backend,
+                                          recompute_ffn=recompute_ffn)
         self.merge_multi_lvl_reduce = nn.Sequential(*_conv_relu(c, c))
         self.merge_multi_lvl_sum = nn.Sequential(*_conv_relu(c, c, 3), *_conv_relu(c, c, 3))
         self.merge_res = nn.Sequential(*_conv_relu(c, c, 3), *_conv_relu(c, c, 3))
@@ -87,6 +91,12 @@ class IPMT(nn.Module):
     def set_backend(self, backend: str) -> "IPMT":
         """Route every op through ``backend`` (same weights, same math). Returns ``self``."""
         self.transformer.set_backend(backend)
+        return self
+
+    def set_recompute_ffn(self, recompute: bool) -> "IPMT":
+        """Recompute (True) or keep (False) the transformer FFNs' hidden activations for backward
+        (memory and time only; same values). Returns ``self``."""
+        self.transformer.set_recompute_ffn(recompute)
         return self
 
     # ----------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import deform_sample, masked_prototype_attention, ms_deform_sample, prototype_attention, prototype_mask_logits, \
-    prototype_query_update, query_activation
+from ..ops import deform_sample, feed_forward, ffn, masked_prototype_attention, ms_deform_sample, prototype_attention, \
+    prototype_mask_logits, prototype_query_update, query_activation
 from ..ops.registry import BACKENDS, resolve_backend_name
 
 DROPOUT = 0.1
@@ -51,18 +51,34 @@ class OpModule(nn.Module):
         return resolve_backend_name(op, self.backend)
 
 
-class FFN(nn.Module):
-    """``x + Drop(Lin2(Drop(ReLU(Lin1(x)))))`` with bias-free linears (published ``FFN``)."""
+class FFN(OpModule):
+    """``x + Drop(Lin2(Drop(ReLU(Lin1(x)))))`` with bias-free linears (published ``FFN``); the
+    bracket runs as the ``feed_forward`` op.
+
+    ``recompute_hidden`` (see :func:`ipmt_fast.ops.feed_forward`) keeps only the hidden dropout
+    mask for backward and recomputes the hidden activation there: less memory, one more matmul.
+    """
+
+    recompute_hidden = False
 
     def __init__(self, dims: int, hidden: int, dropout: float = DROPOUT):
         super().__init__()
+        # The published module layout, so checkpoint names (layers.0.0, layers.1) carry over.
         self.layers = nn.Sequential(
             nn.Sequential(nn.Linear(dims, hidden, bias=False), nn.ReLU(inplace=True), nn.Dropout(dropout)),
             nn.Linear(hidden, dims, bias=False))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return x + self.dropout(self.layers(x))
+        hidden_linear, hidden_dropout, output_linear = self.layers[0][0], self.layers[0][2], self.layers[1]
+        hidden_keep = None
+        if self.training and hidden_dropout.p > 0:
+            # Drawn here so every backend drops the same units; bools are a quarter of a float mask.
+            hidden_keep = torch.empty(*x.shape[:-1], hidden_linear.out_features, dtype=torch.bool,
+                                      device=x.device).bernoulli_(1.0 - hidden_dropout.p)
+        out = feed_forward(x, hidden_linear.weight, output_linear.weight, hidden_keep, hidden_dropout.p,
+                           self.recompute_hidden, backend=self.op_backend(ffn.OP_NAME))
+        return x + self.dropout(out)
 
 
 class MaskedPrototypeAttention(OpModule):
@@ -197,10 +213,13 @@ class IPMTransformer(OpModule):
         num_points: deformable sampling points.
         shot: support images per episode.
         backend: op backend (see ``ipmt_fast.ops.registry``).
+        recompute_ffn: recompute the FFNs' hidden activations in backward instead of keeping
+            them (see :class:`FFN`); changes memory and time, not values.
     """
 
     def __init__(self, embed_dims: int = 384, num_heads: int = 1, num_layers: int = 5, num_levels: int = 1,
-                 num_points: int = 9, dropout: float = DROPOUT, shot: int = 1, backend: str = "auto"):
+                 num_points: int = 9, dropout: float = DROPOUT, shot: int = 1, backend: str = "auto",
+                 recompute_ffn: bool = False):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -228,6 +247,7 @@ class IPMTransformer(OpModule):
         self.decoder_norm = nn.LayerNorm(c)
         self.prototype = nn.Embedding(1, c)
         self.set_backend(backend)
+        self.set_recompute_ffn(recompute_ffn)
         self.reset_parameters()
 
     def set_backend(self, backend: str) -> "IPMTransformer":
@@ -237,6 +257,13 @@ class IPMTransformer(OpModule):
         for m in self.modules():
             if isinstance(m, OpModule):
                 m.backend = backend
+        return self
+
+    def set_recompute_ffn(self, recompute: bool) -> "IPMTransformer":
+        """Recompute (True) or keep (False) every FFN's hidden activation for backward. Returns ``self``."""
+        for m in self.modules():
+            if isinstance(m, FFN):
+                m.recompute_hidden = bool(recompute)
         return self
 
     def reset_parameters(self):

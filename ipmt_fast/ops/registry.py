@@ -84,6 +84,11 @@ def triton_availability(device_type: str) -> Optional[str]:
     return None
 
 
+def registered_ops() -> tuple:
+    """The names of every registered op."""
+    return tuple(_REGISTRY)
+
+
 def registered_backends(op: str) -> tuple:
     """The backend names registered for ``op``."""
     return tuple(_REGISTRY[op])

@@ -49,6 +49,8 @@ class TrainConfig:
     reduce_dim: Optional[int] = None
     num_layers: Optional[int] = None
     backend: str = "auto"
+    # Recompute the transformer FFNs' hidden activations in backward: less memory, a little slower.
+    recompute_ffn: bool = False
     backbone_weights: Optional[str] = None
     # Without backbone weights: measure the random backbone's batch-norm statistics on the first
     # training batch (see ipmt_fast.train.trainer.calibrate_frozen_batchnorm).

@@ -59,7 +59,8 @@ def model_arch(cfg: TrainConfig) -> Dict[str, int]:
 
 def build_model(cfg: TrainConfig) -> IPMT:
     """The IPMT of ``cfg``, with ``cfg.weight`` (published or our checkpoint) loaded if given."""
-    model = IPMT(backend=cfg.backend, backbone_weights=cfg.backbone_weights, **model_arch(cfg))
+    model = IPMT(backend=cfg.backend, backbone_weights=cfg.backbone_weights, recompute_ffn=cfg.recompute_ffn,
+                 **model_arch(cfg))
     if cfg.weight:
         load_published_checkpoint(model, cfg.weight)
     return model
