@@ -6,8 +6,9 @@ against what a user would write otherwise.
 
 Variants per op: each backend ``ipmt_fast.ops.registered_backends(op)`` lists that can run here
 (the others are skipped with the registry's reason), ``compile(reference)`` (``torch.compile``
-of the reference form; ``--no-compile`` leaves it out) and, for the attention,
-``sdpa`` (``F.scaled_dot_product_attention`` with a boolean mask over projected K/V).
+of the reference form; ``--no-compile`` leaves it out), for the attention ``sdpa``
+(``F.scaled_dot_product_attention`` with a boolean mask over projected K/V), and for the FFN
+``torch+recompute`` (the hidden activation recomputed in backward instead of kept).
 
 Modes: ``fwd`` (inference, under ``torch.no_grad``) and ``fwdbwd`` (forward, then the gradients
 of every float input, weights included, via ``torch.autograd.grad``).
@@ -29,14 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from ipmt_fast import ops
+from ipmt_fast.model.transformer import DROPOUT, FFN_EXPANSION
 from ipmt_fast.ops import registry
 
 from . import common
 
-OP_NAMES = ("masked_prototype_attention", "prototype_mask_logits", "prototype_query_update", "ms_deform_sample")
+OP_NAMES = ("masked_prototype_attention", "prototype_mask_logits", "prototype_query_update", "ms_deform_sample",
+            "feed_forward")
 MODES = ("fwd", "fwdbwd")
 COMPILE_VARIANT = "compile(reference)"
 SDPA_VARIANT = "sdpa"
+RECOMPUTE_VARIANT = "torch+recompute"
 # IPMT's sizes: one prototype row, 9 deformable points, one level, one head; masks keep about half.
 PROTOTYPE_ROWS = 1
 DEFORM_POINTS = 9
@@ -115,6 +119,21 @@ def make_deform_sample(b, n, c, dtype, device) -> OpInputs:
                     torch.randn(b, h * w, DEFORM_HEADS * c, device=device, dtype=dtype))
 
 
+def make_feed_forward(b, n, c, dtype, device) -> OpInputs:
+    """A query-side FFN in training: hidden width 3C, IPMT's dropout mask."""
+    x = torch.randn(b, n, c, device=device, dtype=dtype)
+    hidden_weight = _weight(FFN_EXPANSION * c, c, dtype, device)
+    output_weight = _weight(c, FFN_EXPANSION * c, dtype, device)
+    hidden_keep = torch.rand(b, n, FFN_EXPANSION * c, device=device) >= DROPOUT
+    return OpInputs((x, hidden_weight, output_weight, hidden_keep, DROPOUT), [x, hidden_weight, output_weight],
+                    [hidden_weight, output_weight], torch.randn(b, n, c, device=device, dtype=dtype))
+
+
+def feed_forward_recomputing(*args):
+    """The torch backend keeping only the keep mask and recomputing the hidden activation."""
+    return ops.feed_forward(*args, recompute_hidden=True, backend="torch")
+
+
 def sdpa_attention(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale):
     """What one would write with PyTorch's fused attention: project K/V, boolean mask, SDPA.
 
@@ -145,6 +164,8 @@ CASES = {
     "prototype_query_update": OpCase("prototype_query_update", make_query_update,
                                      ops.prototype_query_update_reference, {}),
     "ms_deform_sample": OpCase("ms_deform_sample", make_deform_sample, ops.ms_deform_sample_reference, {}),
+    "feed_forward": OpCase("feed_forward", make_feed_forward, ops.feed_forward_reference,
+                           {RECOMPUTE_VARIANT: feed_forward_recomputing}),
 }
 
 
