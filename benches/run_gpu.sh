@@ -81,7 +81,7 @@ import json, torch
 from benches.common import machine_info
 print(json.dumps(machine_info(torch.device('cuda' if torch.cuda.is_available() else 'cpu')), indent=1))
 import ipmt_fast.ops.registry as r
-print({op: r.registered_backends(op) for op in r._REGISTRY})
+print({op: r.registered_backends(op) for op in r.registered_ops()})
 EOF"
 
 # 3. Build the compiled (C++/CUDA) extension once, so no later stage pays for it.

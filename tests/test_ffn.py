@@ -33,7 +33,7 @@ def inputs(b, n, c, hidden, c_out, keep, dtype=torch.float64, seed=0):
 def value_and_grads(backend, tensors, hidden_keep, recompute_hidden, seed=1):
     out = feed_forward(*tensors, hidden_keep, DROPOUT_P, recompute_hidden, backend=backend)
     cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return [out, *torch.autograd.grad(out, tensors, cotangent.to(out.dtype))]
+    return [out, *torch.autograd.grad(out, tensors, cotangent.to(out))]
 
 
 @pytest.mark.parametrize("recompute_hidden", [False, True])
@@ -156,3 +156,14 @@ def test_registration():
     # A model-wide triton or compiled backend runs this op's torch form.
     assert registry.resolve_backend_name(OP_NAME, "triton") == "torch"
     assert registry.resolve_backend_name(OP_NAME, "compiled") == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("recompute_hidden", [False, True])
+def test_cuda_matches_cpu_reference(recompute_hidden):
+    tensors, hidden_keep = inputs(2, 37, 16, 48, 16, "random")
+    expected = value_and_grads("reference", tensors, hidden_keep, False)
+    on_cuda = [t.detach().cuda().requires_grad_() for t in tensors]
+    got = value_and_grads("torch", on_cuda, hidden_keep.cuda(), recompute_hidden)
+    for e, o in zip(expected, got):
+        assert o.device.type == "cuda" and relative_error(o.cpu(), e) <= FLOAT64_TOL
