@@ -1,7 +1,7 @@
 """Backend registry for the fused ops.
 
 Every hot path of IPMT is an *op* (``masked_prototype_attention``, ``prototype_mask_logits``,
-``prototype_query_update``, ``ms_deform_sample``) with interchangeable *backends*:
+``prototype_query_update``, ``ms_deform_sample``, ``feed_forward``) with interchangeable *backends*:
 
 ``reference``
     A literal, naive PyTorch transcription of the published math: the oracle.
@@ -20,7 +20,8 @@ cannot build) it warns once and falls back to the next one.
 
 A model-wide backend name is applied per op by :func:`resolve_backend_name`: an op that has no
 implementation of that name uses the ``torch`` fused form instead (e.g. ``compiled`` exists only
-for ``ms_deform_sample``), so ``IPMT(backend="compiled")`` is meaningful for the whole model.
+for ``ms_deform_sample``, ``triton`` for all but ``feed_forward``), so ``IPMT(backend="compiled")``
+is meaningful for the whole model.
 """
 from __future__ import annotations
 
