@@ -49,6 +49,24 @@ def _dot(a, b, acc, DOT_DTYPE: tl.constexpr):
     return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
 
 
+# A[rows, :] @ B[cols, :]^T for one output tile, reducing over K in BLOCK_K steps; both operands
+# are read straight from their strides (B transposed on load), out-of-range rows/cols/K as zeros.
+@triton.jit
+def _tile_matmul_nt(a_base, stride_a_row, stride_a_k, b_base, stride_b_row, stride_b_k, rows, cols, ROWS, COLS, K,
+                    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=ACC_DTYPE)
+    k_range = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + k_range
+        a = tl.load(a_base + rows[:, None] * stride_a_row + k[None, :] * stride_a_k,
+                    mask=(rows[:, None] < ROWS) & (k[None, :] < K), other=0.0)
+        bt = tl.load(b_base + k[:, None] * stride_b_k + cols[None, :] * stride_b_row,
+                     mask=(k[:, None] < K) & (cols[None, :] < COLS), other=0.0)
+        acc = _dot(a, bt, acc, DOT_DTYPE)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------
 # logits[b, m, n] = sum_c A[b, m, c] * B[b, n, c];  keep[b, m, n] = logits[b, m, n] >= threshold
 # --------------------------------------------------------------------------------------------
@@ -68,19 +86,8 @@ def _thresholded_logits_kernel(
     batch = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    chans = tl.arange(0, BLOCK_C)
-    a_base = a_ptr + batch * stride_ab
-    b_base = b_ptr + batch * stride_bb
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + chans
-        a = tl.load(a_base + rows[:, None] * stride_am + c[None, :] * stride_ac,
-                    mask=(rows[:, None] < M) & (c[None, :] < C), other=0.0)
-        # B is read transposed, (BLOCK_C, BLOCK_N), straight from its strides.
-        bt = tl.load(b_base + c[:, None] * stride_bc + cols[None, :] * stride_bn,
-                     mask=(c[:, None] < C) & (cols[None, :] < N), other=0.0)
-        acc = _dot(a, bt, acc, DOT_DTYPE)
+    acc = _tile_matmul_nt(a_ptr + batch * stride_ab, stride_am, stride_ac, b_ptr + batch * stride_bb, stride_bn,
+                          stride_bc, rows, cols, M, N, C, ACC_DTYPE, DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_C)
 
     # The threshold applies to the logits as stored (rounded to their dtype), like a test on the
     # returned tensor would; compared in the accumulator type (exact, and the interpreter cannot
@@ -200,17 +207,8 @@ def _bias_relu_matmul_kernel(
     batch = tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    ks = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + batch * stride_xb
-
-    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        x = tl.load(x_base + rows[:, None] * stride_xn + k[None, :] * stride_xk,
-                    mask=(rows[:, None] < N) & (k[None, :] < K), other=0.0)
-        wt = tl.load(w_ptr + k[:, None] * stride_wk + outs[None, :] * stride_wo,
-                     mask=(k[:, None] < K) & (outs[None, :] < O), other=0.0)
-        acc = _dot(x, wt, acc, DOT_DTYPE)
+    acc = _tile_matmul_nt(x_ptr + batch * stride_xb, stride_xn, stride_xk, w_ptr, stride_wo, stride_wk,
+                          rows, outs, N, O, K, ACC_DTYPE, DOT_DTYPE, BLOCK_N, BLOCK_O, BLOCK_K)
 
     bias = tl.load(bias_ptr + batch * stride_biasb + outs * stride_biaso, mask=outs < O, other=0.0)
     y = tl.maximum(acc + bias.to(ACC_DTYPE)[None, :], 0.0)
