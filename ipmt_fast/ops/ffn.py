@@ -82,7 +82,9 @@ class _FeedForward(torch.autograd.Function):
         grad_hidden = grad_rows.mm(output_weight)
         if ctx.keep_scale != 1.0:
             grad_hidden.mul_(ctx.keep_scale)
-        grad_pre = torch.where(hidden_rows > 0, grad_hidden, 0.0)
+        # ReLU's own backward kernel (zero where h <= 0): one pass, ~10x faster on the CPU than
+        # torch.where with a scalar, which materialises a mask first.
+        grad_pre = torch.ops.aten.threshold_backward(grad_hidden, hidden_rows, 0.0)
         del grad_hidden, hidden, hidden_rows
         grad_hidden_weight = grad_pre.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         grad_x = grad_pre.mm(hidden_weight).view(x.shape) if ctx.needs_input_grad[0] else None
