@@ -7,7 +7,8 @@ from .query_activation import (prototype_mask_logits, prototype_mask_logits_refe
 from .registry import BACKENDS, registered_backends, selected_backend
 
 __all__ = [
-    "BACKENDS", "feed_forward", "feed_forward_reference", "masked_prototype_attention", "masked_prototype_attention_reference", "ms_deform_sample",
-    "ms_deform_sample_reference", "prototype_mask_logits", "prototype_mask_logits_reference",
-    "prototype_query_update", "prototype_query_update_reference", "registered_backends", "selected_backend",
+    "BACKENDS", "feed_forward", "feed_forward_reference", "masked_prototype_attention",
+    "masked_prototype_attention_reference", "ms_deform_sample", "ms_deform_sample_reference",
+    "prototype_mask_logits", "prototype_mask_logits_reference", "prototype_query_update",
+    "prototype_query_update_reference", "registered_backends", "selected_backend",
 ]
