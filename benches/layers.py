@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import ipmt_fast
+from ipmt_fast.constants import FOREGROUND_LABEL, IGNORE_LABEL, OUTPUT_STRIDE
 from ipmt_fast.ops import registry
 from ipmt_fast.model.transformer import IPMTransformer
 
@@ -38,8 +39,6 @@ from . import common
 
 BENCHES = ("transformer", "step")
 COMPILE_VARIANT = "compile(reference)"
-OUTPUT_STRIDE = 8
-LABEL_FOREGROUND, LABEL_PADDING = 1, 255
 # Fraction of the query label's rows at the bottom set to 255 (padding), as after a resize + pad.
 PADDED_ROW_FRACTION = 0.125
 SEED = 0
@@ -121,13 +120,13 @@ def _rectangle_labels(shape, generator: torch.Generator, device) -> torch.Tensor
     *lead, height, width = shape
     labels = torch.zeros(*lead, height, width)
     for m in labels.view(-1, height, width):
-        m[_random_span(height, generator), _random_span(width, generator)] = LABEL_FOREGROUND
+        m[_random_span(height, generator), _random_span(width, generator)] = FOREGROUND_LABEL
     return labels.to(device)
 
 
 def _query_labels(b, height, width, generator, device) -> torch.Tensor:
     labels = _rectangle_labels((b, height, width), generator, device)
-    labels[:, height - int(height * PADDED_ROW_FRACTION):] = LABEL_PADDING
+    labels[:, height - int(height * PADDED_ROW_FRACTION):] = IGNORE_LABEL
     return labels
 
 

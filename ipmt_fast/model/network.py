@@ -8,7 +8,8 @@ from torch import nn
 
 from .backbone import Backbone
 from .losses import duplex_segmentation_loss, weighted_dice_loss
-from .transformer import LABEL_FOREGROUND, LABEL_PADDING, IPMTransformer
+from ..constants import FOREGROUND_LABEL, OUTPUT_STRIDE, VALID_LABELS
+from .transformer import IPMTransformer
 
 MID_LEVEL_CHANNELS = 512 + 1024  # layer2 + layer3
 HIGH_LEVEL_CHANNELS = 2048  # layer4
@@ -16,11 +17,9 @@ FEATURE_DROPOUT = 0.5
 HEAD_DROPOUT = 0.1
 GAP_EPS = 0.0005
 COSINE_EPS = 1e-7
-OUTPUT_STRIDE = 8
 NUM_CLASSES = 2
 # Main loss: 0.7 * dice(final logits) + 0.3 * dice(initial logits).
 FINAL_DICE_WEIGHT = 0.7
-VALID_LABELS = (0, LABEL_FOREGROUND, LABEL_PADDING)
 
 
 def _conv_relu(cin, cout, kernel=1):
@@ -160,7 +159,7 @@ class IPMT(nn.Module):
         supp_feat = self.adjust_feature_supp(torch.cat([layer2[b:], layer3[b:]], 1))  # (B*S, C, h, w)
         h, w = query_feat.shape[-2:]
 
-        support_masks = F.interpolate((s_y == LABEL_FOREGROUND).flatten(0, 1).unsqueeze(1).to(x.dtype),
+        support_masks = F.interpolate((s_y == FOREGROUND_LABEL).flatten(0, 1).unsqueeze(1).to(x.dtype),
                                       size=(h, w), mode="bilinear", align_corners=True)  # (B*S, 1, h, w)
         shot_prototypes = weighted_gap(supp_feat, support_masks)  # (B*S, C, 1, 1)
         per_shot = shot_prototypes.view(b, shot, -1, 1, 1)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import FOREGROUND_LABEL, IGNORE_LABEL
 from ..ops import deform_sample, feed_forward, ffn, masked_prototype_attention, ms_deform_sample, prototype_attention, \
     prototype_mask_logits, prototype_query_update, query_activation
 from ..ops.registry import BACKENDS, resolve_backend_name
@@ -29,8 +30,6 @@ POS_EPS = 1e-6
 # The published support-mask repair: a mask with no foreground gets its centre 2x2 set, one
 # with no background gets its four corners cleared, so attention never sees a uniform mask.
 REPAIR_HALF = 1
-LABEL_FOREGROUND = 1
-LABEL_PADDING = 255
 
 
 def check_backend_name(backend: str) -> str:
@@ -312,13 +311,13 @@ class IPMTransformer(OpModule):
         if qry_masks is None:
             padding = torch.zeros(b, h, w, dtype=torch.bool, device=x.device)
         else:
-            padding = F.interpolate(qry_masks.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0] == LABEL_PADDING
+            padding = F.interpolate(qry_masks.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0] == IGNORE_LABEL
         # Position features and reference points in at least float32, whatever the autocast dtype.
         coord_dtype = torch.promote_types(x.dtype, torch.float32)
         pos = sine_positional_encoding(padding, c // 2, coord_dtype).flatten(2).transpose(1, 2) + self.level_embed[0]
         padding = padding.flatten(1)
         support_labels = F.interpolate(supp_mask.float(), size=(h, w), mode="nearest")
-        support_fg = repair_support_mask(support_labels == LABEL_FOREGROUND).flatten(1)  # shots along tokens
+        support_fg = repair_support_mask(support_labels == FOREGROUND_LABEL).flatten(1)  # shots along tokens
         support = s_x.view(b, shot, c, h * w).transpose(2, 3).reshape(b, shot * h * w, c)
         query = map_to_tokens(x)
         spatial_shapes = torch.tensor([[h, w]], dtype=torch.long, device=x.device)
@@ -333,7 +332,7 @@ class IPMTransformer(OpModule):
             mined.append(prototype)
             query_logits.append(self.prediction_head(prototype, query)[0].view(b, 1, h, w))
 
-        attn_mask = init_mask.flatten(1) == LABEL_FOREGROUND
+        attn_mask = init_mask.flatten(1) == FOREGROUND_LABEL
         for l in range(L):
             attended = self.qry_self_layers[l](query + pos, reference_points, query, spatial_shapes,
                                                level_start_index, padding)

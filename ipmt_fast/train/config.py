@@ -15,10 +15,10 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from ..constants import IGNORE_LABEL, OUTPUT_STRIDE
+
 DATASETS = ("synthetic", "pascal", "coco")
 AMP_MODES = ("none", "bf16", "fp16")
-IGNORE_LABEL = 255
-OUTPUT_STRIDE = 8
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Dict, Sequence
 
 import torch
 
-IGNORE_LABEL = 255
+from ..constants import IGNORE_LABEL
+
 NUM_CLASSES = 2  # background, foreground
 # The published division guard.
 IOU_EPS = 1e-10
