@@ -1,0 +1,82 @@
+"""Counting what a piece of PyTorch code asks of the dispatcher: ops, and the ones that stall the host.
+
+At IPMT's batch sizes a GPU step is paced by the host issuing ops, not by the kernels, so the
+number of ops dispatched per layer is a cost of its own; and an op that reads a device value on
+the host (``.item()``, ``bool(t)``, ``nonzero``) or copies host data to the device stalls the
+host and cannot be captured in a CUDA graph.
+
+:class:`DispatchCounter` is a ``TorchDispatchMode`` that counts every op reaching the dispatcher
+below autograd (forward and backward alike, views included), by name, and records the host syncs
+and host<->device copies among them. A custom op (``ipmt_fast::...``) counts once: what its
+implementation runs inside is its own business (one kernel launch, or a few).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops whose result the host must read from the device before it can go on.
+HOST_SYNC_OPS = frozenset({
+    "aten::_local_scalar_dense",  # .item(), int(t), float(t), bool(t), .tolist()
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::allclose",
+    "aten::nonzero",  # output size depends on the values
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::repeat_interleave",
+})
+# A tensor built from Python data (``torch.tensor(...)``) inside the counted region: on a GPU a
+# host-to-device copy.
+TENSOR_FROM_HOST_DATA_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
+
+
+def _devices(value) -> List[torch.device]:
+    if isinstance(value, torch.Tensor):
+        return [value.device]
+    if isinstance(value, (list, tuple)):
+        return [d for v in value for d in _devices(v)]
+    return []
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Count dispatched ops while active::
+
+        with DispatchCounter() as counter:
+            loss = model(...); loss.backward()
+        counter.total, counter.ops.most_common(10), counter.host_syncs
+
+    Attributes:
+        ops: ``Counter`` of op names (``aten::mm``, ``ipmt_fast::ms_deform_sample``...).
+        host_syncs: names of the ops that read device values on the host or moved data between
+            the host and a device (``HOST_SYNC_OPS``, ``TENSOR_FROM_HOST_DATA_OPS``, and any op
+            whose tensor arguments and results sit on different devices), in call order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.host_syncs: List[str] = []
+
+    @property
+    def total(self) -> int:
+        """Every op counted."""
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        self.ops[name] += 1
+        out = func(*args, **kwargs)
+        if name in HOST_SYNC_OPS or name in TENSOR_FROM_HOST_DATA_OPS:
+            self.host_syncs.append(name)
+        else:
+            devices = {d.type for d in _devices(args) + _devices(list(kwargs.values())) + _devices(out)}
+            if len(devices) > 1:
+                self.host_syncs.append(f"{name} ({' <-> '.join(sorted(devices))})")
+        return out

@@ -1,0 +1,24 @@
+"""DispatchCounter counts ops (forward and backward) and flags host syncs and host data."""
+import torch
+
+from ipmt_fast.instrument import DispatchCounter
+
+
+def test_counts_forward_and_backward_ops_by_name():
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    with DispatchCounter() as counter:
+        torch.nn.functional.linear(x, w).relu().sum().backward()
+    assert counter.ops["aten::mm"] >= 3  # forward, grad of x, grad of w
+    assert counter.ops["aten::threshold_backward"] == 1
+    assert counter.total == sum(counter.ops.values())
+    assert counter.host_syncs == []
+
+
+def test_flags_item_nonzero_and_tensors_from_python_data():
+    x = torch.tensor([0.0, 1.0, 2.0])
+    with DispatchCounter() as counter:
+        float(x.sum())
+        x.nonzero()
+        torch.tensor([[3, 4]])
+    assert counter.host_syncs == ["aten::_local_scalar_dense", "aten::nonzero", "aten::lift_fresh"]
