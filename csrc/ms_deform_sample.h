@@ -1,10 +1,12 @@
-// Multi-scale deformable bilinear sampling: sizes, the per-point corner computation shared by the
-// CPU and CUDA kernels, and the CPU kernel declarations. No PyTorch and no CUDA headers here.
+// Multi-scale deformable bilinear sampling: sizes, level layout, the per-point corner computation
+// shared by the CPU and CUDA kernels, and the CPU kernel declarations. No PyTorch and no CUDA
+// headers here.
 //
-// Layouts (all contiguous): value (B, S, heads, D); spatial_shapes (L, 2) = (H, W); level_start
-// (L,); sampling_locations (B, Nq, heads, L, P, 2) = (x, y) in [0, 1]; attention_weights
-// (B, Nq, heads, L, P); output (B, Nq, heads, D). Pixel coordinates follow align_corners=False
-// (x = loc_x * W - 0.5); a corner off the map reads zero.
+// Layouts (all contiguous): value (B, S, heads, D); sampling_locations (B, Nq, heads, L, P, 2) =
+// (x, y) in [0, 1]; attention_weights (B, Nq, heads, L, P); output (B, Nq, heads, D). The level
+// shapes travel by value (host integers, no device tensor to read). Pixel coordinates are
+// grid_sample's for align_corners=False, computed with its own roundings (see source_coordinate);
+// a corner off the map reads zero.
 #pragma once
 
 #include <cmath>
@@ -18,11 +20,21 @@
 
 namespace ipmt {
 
+// Levels a launch can take by value (Deformable-DETR uses 4, IPMT 1); the Triton kernels take as many.
+constexpr int kMaxLevels = 4;
+
 struct MsDeformSampleSizes {
   int64_t batch, tokens, heads, channels, queries, levels, points;
 
   // Number of (b, q, h, l, p) sampling points, the length of attention_weights.
   int64_t sampling_points() const { return batch * queries * heads * levels * points; }
+};
+
+// (H, W) and first token of every level, passed to kernels by value.
+struct LevelLayout {
+  int64_t height[kMaxLevels];
+  int64_t width[kMaxLevels];
+  int64_t start[kMaxLevels];
 };
 
 constexpr int kCorners = 4;
@@ -36,6 +48,51 @@ IPMT_HOST_DEVICE acc_t floor_of(acc_t x) {
 #endif
 }
 
+// a * b + c rounded once, and rounded twice (never contracted: host code is compiled with
+// -ffp-contract=off, device code uses the round-to-nearest intrinsics nvcc does not fuse).
+IPMT_HOST_DEVICE float fused_multiply_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+IPMT_HOST_DEVICE double fused_multiply_add(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+IPMT_HOST_DEVICE float multiply_then_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(a, b), c);
+#else
+  return a * b + c;
+#endif
+}
+IPMT_HOST_DEVICE double multiply_then_add(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dmul_rn(a, b), c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The pixel coordinate grid_sample (align_corners=False) samples for a location in [0, 1], with
+// its roundings: the grid value g = 2 * loc - 1 (the caller's op), then (g + 1) * (size / 2) - 0.5,
+// either as one fused multiply-add (what grid_sample's kernels compute where the compiler
+// contracted them: AVX2/AVX-512 CPU builds, CUDA) or as a rounded product and a rounded
+// difference. At the published initialisation every sampling point lies exactly on a pixel
+// centre, a kink of bilinear sampling, so the last bit decides which one-sided derivative is taken.
+template <typename acc_t>
+IPMT_HOST_DEVICE acc_t source_coordinate(acc_t loc, int64_t size, bool fused) {
+  const acc_t grid = acc_t(2) * loc - acc_t(1);
+  const acc_t half_size = static_cast<acc_t>(size) / acc_t(2);
+  return fused ? fused_multiply_add(grid + acc_t(1), half_size, acc_t(-0.5))
+               : multiply_then_add(grid + acc_t(1), half_size, acc_t(-0.5));
+}
+
 // The four bilinear corners of one sampling point; corner c is (x0 + (c & 1), y0 + (c >> 1)).
 template <typename acc_t>
 struct BilinearCorners {
@@ -47,9 +104,9 @@ struct BilinearCorners {
 
 template <typename acc_t>
 IPMT_HOST_DEVICE BilinearCorners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                                                         int64_t level_start) {
-  const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+                                                         int64_t level_start, bool fused_coordinate) {
+  const acc_t x = source_coordinate(loc_x, width, fused_coordinate);
+  const acc_t y = source_coordinate(loc_y, height, fused_coordinate);
   const acc_t x0 = floor_of(x);
   const acc_t y0 = floor_of(y);
   const acc_t fx = x - x0;
@@ -75,17 +132,15 @@ IPMT_HOST_DEVICE BilinearCorners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_
 
 // CPU kernels (ms_deform_sample_cpu.cpp), instantiated for float and double.
 template <typename scalar_t>
-void ms_deform_sample_cpu_forward(const MsDeformSampleSizes& sizes, const scalar_t* value,
-                                  const int64_t* spatial_shapes, const int64_t* level_start_index,
-                                  const scalar_t* sampling_locations, const scalar_t* attention_weights,
-                                  scalar_t* output);
+void ms_deform_sample_cpu_forward(const MsDeformSampleSizes& sizes, const LevelLayout& layout,
+                                  bool fused_coordinate, const scalar_t* value, const scalar_t* sampling_locations,
+                                  const scalar_t* attention_weights, scalar_t* output);
 
 // grad_value must be zero on entry; grad_locations and grad_weights are overwritten.
 template <typename scalar_t>
-void ms_deform_sample_cpu_backward(const MsDeformSampleSizes& sizes, const scalar_t* value,
-                                   const int64_t* spatial_shapes, const int64_t* level_start_index,
-                                   const scalar_t* sampling_locations, const scalar_t* attention_weights,
-                                   const scalar_t* grad_output, scalar_t* grad_value, scalar_t* grad_locations,
-                                   scalar_t* grad_weights);
+void ms_deform_sample_cpu_backward(const MsDeformSampleSizes& sizes, const LevelLayout& layout,
+                                   bool fused_coordinate, const scalar_t* value, const scalar_t* sampling_locations,
+                                   const scalar_t* attention_weights, const scalar_t* grad_output,
+                                   scalar_t* grad_value, scalar_t* grad_locations, scalar_t* grad_weights);
 
 }  // namespace ipmt

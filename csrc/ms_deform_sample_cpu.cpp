@@ -56,10 +56,9 @@ IPMT_VECTOR_CLONES scalar_t dot_and_scatter(const scalar_t* __restrict__ grad, c
 }  // namespace
 
 template <typename scalar_t>
-void ms_deform_sample_cpu_forward(const MsDeformSampleSizes& sizes, const scalar_t* value,
-                                  const int64_t* spatial_shapes, const int64_t* level_start_index,
-                                  const scalar_t* sampling_locations, const scalar_t* attention_weights,
-                                  scalar_t* output) {
+void ms_deform_sample_cpu_forward(const MsDeformSampleSizes& sizes, const LevelLayout& layout,
+                                  bool fused_coordinate, const scalar_t* value, const scalar_t* sampling_locations,
+                                  const scalar_t* attention_weights, scalar_t* output) {
   const int64_t channels = sizes.channels;
   const int64_t token_stride = sizes.heads * channels;
 #pragma omp parallel for schedule(static)
@@ -74,8 +73,8 @@ void ms_deform_sample_cpu_forward(const MsDeformSampleSizes& sizes, const scalar
         for (int64_t p = 0; p < sizes.points; ++p) {
           const int64_t point = (bqh * sizes.levels + l) * sizes.points + p;
           const auto corners = bilinear_corners<scalar_t>(
-              sampling_locations[2 * point], sampling_locations[2 * point + 1], spatial_shapes[2 * l],
-              spatial_shapes[2 * l + 1], level_start_index[l]);
+              sampling_locations[2 * point], sampling_locations[2 * point + 1], layout.height[l], layout.width[l],
+              layout.start[l], fused_coordinate);
           const scalar_t weight = attention_weights[point];
           for (int c = 0; c < kCorners; ++c) {
             if (corners.token[c] < 0) continue;
@@ -91,11 +90,10 @@ void ms_deform_sample_cpu_forward(const MsDeformSampleSizes& sizes, const scalar
 // scatter needs no atomics and the result does not depend on the thread count's timing. The
 // per-point sums over channels are kept per chunk and added in chunk order at the end.
 template <typename scalar_t>
-void ms_deform_sample_cpu_backward(const MsDeformSampleSizes& sizes, const scalar_t* value,
-                                   const int64_t* spatial_shapes, const int64_t* level_start_index,
-                                   const scalar_t* sampling_locations, const scalar_t* attention_weights,
-                                   const scalar_t* grad_output, scalar_t* grad_value, scalar_t* grad_locations,
-                                   scalar_t* grad_weights) {
+void ms_deform_sample_cpu_backward(const MsDeformSampleSizes& sizes, const LevelLayout& layout,
+                                   bool fused_coordinate, const scalar_t* value, const scalar_t* sampling_locations,
+                                   const scalar_t* attention_weights, const scalar_t* grad_output,
+                                   scalar_t* grad_value, scalar_t* grad_locations, scalar_t* grad_weights) {
   const int64_t channels = sizes.channels;
   const int64_t token_stride = sizes.heads * channels;
   const int64_t batch_heads = sizes.batch * sizes.heads;
@@ -120,13 +118,13 @@ void ms_deform_sample_cpu_backward(const MsDeformSampleSizes& sizes, const scala
       const int64_t bqh = (b * sizes.queries + q) * sizes.heads + h;
       const scalar_t* grad = grad_output + bqh * channels + d0;
       for (int64_t l = 0; l < sizes.levels; ++l) {
-        const int64_t height = spatial_shapes[2 * l];
-        const int64_t width = spatial_shapes[2 * l + 1];
+        const int64_t height = layout.height[l];
+        const int64_t width = layout.width[l];
         for (int64_t p = 0; p < sizes.points; ++p) {
           const int64_t point = (bqh * sizes.levels + l) * sizes.points + p;
           const auto corners = bilinear_corners<scalar_t>(sampling_locations[2 * point],
                                                           sampling_locations[2 * point + 1], height, width,
-                                                          level_start_index[l]);
+                                                          layout.start[l], fused_coordinate);
           const scalar_t weight = attention_weights[point];
           scalar_t grad_weight = 0, grad_x = 0, grad_y = 0;
           for (int c = 0; c < kCorners; ++c) {
@@ -160,13 +158,13 @@ void ms_deform_sample_cpu_backward(const MsDeformSampleSizes& sizes, const scala
   }
 }
 
-#define IPMT_INSTANTIATE_CPU(scalar_t)                                                                              \
-  template void ms_deform_sample_cpu_forward<scalar_t>(const MsDeformSampleSizes&, const scalar_t*, const int64_t*, \
-                                                       const int64_t*, const scalar_t*, const scalar_t*, scalar_t*); \
-  template void ms_deform_sample_cpu_backward<scalar_t>(const MsDeformSampleSizes&, const scalar_t*,               \
-                                                        const int64_t*, const int64_t*, const scalar_t*,           \
-                                                        const scalar_t*, const scalar_t*, scalar_t*, scalar_t*,     \
-                                                        scalar_t*);
+#define IPMT_INSTANTIATE_CPU(scalar_t)                                                                          \
+  template void ms_deform_sample_cpu_forward<scalar_t>(const MsDeformSampleSizes&, const LevelLayout&, bool,   \
+                                                       const scalar_t*, const scalar_t*, const scalar_t*,      \
+                                                       scalar_t*);                                             \
+  template void ms_deform_sample_cpu_backward<scalar_t>(const MsDeformSampleSizes&, const LevelLayout&, bool,  \
+                                                        const scalar_t*, const scalar_t*, const scalar_t*,     \
+                                                        const scalar_t*, scalar_t*, scalar_t*, scalar_t*);
 IPMT_INSTANTIATE_CPU(float)
 IPMT_INSTANTIATE_CPU(double)
 #undef IPMT_INSTANTIATE_CPU

@@ -70,16 +70,16 @@ size_t corner_table_bytes(const MsDeformSampleSizes& sizes, int values_per_corne
 // Fills tokens[k * 4 + c] (-1 when off the map) and weights[k * 4 + c] = bilinear weight times
 // attention weight, for the block's points k = (l, p).
 template <typename scalar_t, typename acc_t>
-__device__ void fill_corner_table(const MsDeformSampleSizes& sizes, int64_t bqh, const int64_t* spatial_shapes,
-                                  const int64_t* level_start_index, const scalar_t* sampling_locations,
+__device__ void fill_corner_table(const MsDeformSampleSizes& sizes, int64_t bqh, const LevelLayout& layout,
+                                  bool fused_coordinate, const scalar_t* sampling_locations,
                                   const scalar_t* attention_weights, int64_t* tokens, acc_t* weights) {
   const int64_t points_per_query = sizes.levels * sizes.points;
   for (int64_t k = threadIdx.x; k < points_per_query; k += blockDim.x) {
     const int64_t l = k / sizes.points;
     const int64_t point = bqh * points_per_query + k;
     const auto corners = bilinear_corners<acc_t>(to_acc(sampling_locations[2 * point]),
-                                                 to_acc(sampling_locations[2 * point + 1]), spatial_shapes[2 * l],
-                                                 spatial_shapes[2 * l + 1], level_start_index[l]);
+                                                 to_acc(sampling_locations[2 * point + 1]), layout.height[l],
+                                                 layout.width[l], layout.start[l], fused_coordinate);
     const acc_t weight = to_acc(attention_weights[point]);
     for (int c = 0; c < kCorners; ++c) {
       tokens[k * kCorners + c] = corners.token[c];
@@ -89,10 +89,8 @@ __device__ void fill_corner_table(const MsDeformSampleSizes& sizes, int64_t bqh,
 }
 
 template <typename scalar_t>
-__global__ void forward_kernel(MsDeformSampleSizes sizes, const scalar_t* __restrict__ value,
-                               const int64_t* __restrict__ spatial_shapes,
-                               const int64_t* __restrict__ level_start_index,
-                               const scalar_t* __restrict__ sampling_locations,
+__global__ void forward_kernel(MsDeformSampleSizes sizes, LevelLayout layout, bool fused_coordinate,
+                               const scalar_t* __restrict__ value, const scalar_t* __restrict__ sampling_locations,
                                const scalar_t* __restrict__ attention_weights, scalar_t* __restrict__ output) {
   using acc_t = typename Accumulator<scalar_t>::type;
   extern __shared__ unsigned char shared[];
@@ -103,8 +101,7 @@ __global__ void forward_kernel(MsDeformSampleSizes sizes, const scalar_t* __rest
   const int64_t bqh = blockIdx.x;  // ((b * Nq) + q) * heads + h
   const int64_t b = bqh / (sizes.queries * sizes.heads);
   const int64_t h = bqh % sizes.heads;
-  fill_corner_table(sizes, bqh, spatial_shapes, level_start_index, sampling_locations, attention_weights, tokens,
-                    weights);
+  fill_corner_table(sizes, bqh, layout, fused_coordinate, sampling_locations, attention_weights, tokens, weights);
   __syncthreads();
 
   const int64_t token_stride = sizes.heads * sizes.channels;
@@ -119,10 +116,8 @@ __global__ void forward_kernel(MsDeformSampleSizes sizes, const scalar_t* __rest
 }
 
 template <typename scalar_t>
-__global__ void backward_kernel(MsDeformSampleSizes sizes, const scalar_t* __restrict__ value,
-                                const int64_t* __restrict__ spatial_shapes,
-                                const int64_t* __restrict__ level_start_index,
-                                const scalar_t* __restrict__ sampling_locations,
+__global__ void backward_kernel(MsDeformSampleSizes sizes, LevelLayout layout, bool fused_coordinate,
+                                const scalar_t* __restrict__ value, const scalar_t* __restrict__ sampling_locations,
                                 const scalar_t* __restrict__ attention_weights,
                                 const scalar_t* __restrict__ grad_output,
                                 typename Accumulator<scalar_t>::type* __restrict__ grad_value,
@@ -138,8 +133,7 @@ __global__ void backward_kernel(MsDeformSampleSizes sizes, const scalar_t* __res
   const int64_t bqh = blockIdx.x;
   const int64_t b = bqh / (sizes.queries * sizes.heads);
   const int64_t h = bqh % sizes.heads;
-  fill_corner_table(sizes, bqh, spatial_shapes, level_start_index, sampling_locations, attention_weights, tokens,
-                    weights);
+  fill_corner_table(sizes, bqh, layout, fused_coordinate, sampling_locations, attention_weights, tokens, weights);
   for (int64_t j = threadIdx.x; j < table_size; j += blockDim.x) dots[j] = 0;
   __syncthreads();
 
@@ -165,11 +159,11 @@ __global__ void backward_kernel(MsDeformSampleSizes sizes, const scalar_t* __res
   for (int64_t k = threadIdx.x; k < points_per_query; k += blockDim.x) {
     const int64_t l = k / sizes.points;
     const int64_t point = bqh * points_per_query + k;
-    const int64_t height = spatial_shapes[2 * l];
-    const int64_t width = spatial_shapes[2 * l + 1];
+    const int64_t height = layout.height[l];
+    const int64_t width = layout.width[l];
     const auto corners = bilinear_corners<acc_t>(to_acc(sampling_locations[2 * point]),
                                                  to_acc(sampling_locations[2 * point + 1]), height, width,
-                                                 level_start_index[l]);
+                                                 layout.start[l], fused_coordinate);
     acc_t grad_weight = 0, grad_x = 0, grad_y = 0;
     for (int c = 0; c < kCorners; ++c) {
       if (corners.token[c] < 0) continue;
@@ -186,29 +180,29 @@ __global__ void backward_kernel(MsDeformSampleSizes sizes, const scalar_t* __res
 }
 
 template <typename scalar_t>
-int launch_forward(const MsDeformSampleSizes& sizes, const void* value, const int64_t* spatial_shapes,
-                   const int64_t* level_start_index, const void* sampling_locations, const void* attention_weights,
-                   void* output, cudaStream_t stream) {
+int launch_forward(const MsDeformSampleSizes& sizes, const LevelLayout& layout, bool fused_coordinate,
+                   const void* value, const void* sampling_locations, const void* attention_weights, void* output,
+                   cudaStream_t stream) {
   using acc_t = typename Accumulator<scalar_t>::type;
   const int64_t blocks = sizes.batch * sizes.queries * sizes.heads;
   if (blocks == 0 || sizes.channels == 0) return cudaSuccess;
   forward_kernel<scalar_t><<<blocks, threads_for(sizes.channels), corner_table_bytes<acc_t>(sizes, 1), stream>>>(
-      sizes, static_cast<const scalar_t*>(value), spatial_shapes, level_start_index,
+      sizes, layout, fused_coordinate, static_cast<const scalar_t*>(value),
       static_cast<const scalar_t*>(sampling_locations), static_cast<const scalar_t*>(attention_weights),
       static_cast<scalar_t*>(output));
   return cudaGetLastError();
 }
 
 template <typename scalar_t>
-int launch_backward(const MsDeformSampleSizes& sizes, const void* value, const int64_t* spatial_shapes,
-                    const int64_t* level_start_index, const void* sampling_locations, const void* attention_weights,
+int launch_backward(const MsDeformSampleSizes& sizes, const LevelLayout& layout, bool fused_coordinate,
+                    const void* value, const void* sampling_locations, const void* attention_weights,
                     const void* grad_output, void* grad_value, void* grad_locations, void* grad_weights,
                     cudaStream_t stream) {
   using acc_t = typename Accumulator<scalar_t>::type;
   const int64_t blocks = sizes.batch * sizes.queries * sizes.heads;
   if (blocks == 0) return cudaSuccess;
   backward_kernel<scalar_t><<<blocks, threads_for(sizes.channels), corner_table_bytes<acc_t>(sizes, 2), stream>>>(
-      sizes, static_cast<const scalar_t*>(value), spatial_shapes, level_start_index,
+      sizes, layout, fused_coordinate, static_cast<const scalar_t*>(value),
       static_cast<const scalar_t*>(sampling_locations), static_cast<const scalar_t*>(attention_weights),
       static_cast<const scalar_t*>(grad_output), static_cast<acc_t*>(grad_value),
       static_cast<scalar_t*>(grad_locations), static_cast<scalar_t*>(grad_weights));
@@ -217,49 +211,45 @@ int launch_backward(const MsDeformSampleSizes& sizes, const void* value, const i
 
 }  // namespace
 
-int ms_deform_sample_cuda_forward(CudaDtype dtype, const MsDeformSampleSizes& sizes, const void* value,
-                                  const int64_t* spatial_shapes, const int64_t* level_start_index,
-                                  const void* sampling_locations, const void* attention_weights, void* output,
-                                  cudaStream_t stream) {
+int ms_deform_sample_cuda_forward(CudaDtype dtype, const MsDeformSampleSizes& sizes, const LevelLayout& layout,
+                                  bool fused_coordinate, const void* value, const void* sampling_locations,
+                                  const void* attention_weights, void* output, cudaStream_t stream) {
   switch (dtype) {
     case CudaDtype::kFloat32:
-      return launch_forward<float>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                   attention_weights, output, stream);
+      return launch_forward<float>(sizes, layout, fused_coordinate, value, sampling_locations, attention_weights,
+                                   output, stream);
     case CudaDtype::kFloat64:
-      return launch_forward<double>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, output, stream);
+      return launch_forward<double>(sizes, layout, fused_coordinate, value, sampling_locations, attention_weights,
+                                    output, stream);
     case CudaDtype::kFloat16:
-      return launch_forward<__half>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, output, stream);
+      return launch_forward<__half>(sizes, layout, fused_coordinate, value, sampling_locations, attention_weights,
+                                    output, stream);
     case CudaDtype::kBFloat16:
-      return launch_forward<__nv_bfloat16>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
+      return launch_forward<__nv_bfloat16>(sizes, layout, fused_coordinate, value, sampling_locations,
                                            attention_weights, output, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-int ms_deform_sample_cuda_backward(CudaDtype dtype, const MsDeformSampleSizes& sizes, const void* value,
-                                   const int64_t* spatial_shapes, const int64_t* level_start_index,
-                                   const void* sampling_locations, const void* attention_weights,
-                                   const void* grad_output, void* grad_value_accumulator, void* grad_locations,
-                                   void* grad_weights, cudaStream_t stream) {
+int ms_deform_sample_cuda_backward(CudaDtype dtype, const MsDeformSampleSizes& sizes, const LevelLayout& layout,
+                                   bool fused_coordinate, const void* value, const void* sampling_locations,
+                                   const void* attention_weights, const void* grad_output,
+                                   void* grad_value_accumulator, void* grad_locations, void* grad_weights,
+                                   cudaStream_t stream) {
   switch (dtype) {
     case CudaDtype::kFloat32:
-      return launch_backward<float>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, grad_output, grad_value_accumulator, grad_locations,
-                                    grad_weights, stream);
+      return launch_backward<float>(sizes, layout, fused_coordinate, value, sampling_locations, attention_weights,
+                                    grad_output, grad_value_accumulator, grad_locations, grad_weights, stream);
     case CudaDtype::kFloat64:
-      return launch_backward<double>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                     attention_weights, grad_output, grad_value_accumulator, grad_locations,
-                                     grad_weights, stream);
+      return launch_backward<double>(sizes, layout, fused_coordinate, value, sampling_locations, attention_weights,
+                                     grad_output, grad_value_accumulator, grad_locations, grad_weights, stream);
     case CudaDtype::kFloat16:
-      return launch_backward<__half>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                     attention_weights, grad_output, grad_value_accumulator, grad_locations,
-                                     grad_weights, stream);
+      return launch_backward<__half>(sizes, layout, fused_coordinate, value, sampling_locations, attention_weights,
+                                     grad_output, grad_value_accumulator, grad_locations, grad_weights, stream);
     case CudaDtype::kBFloat16:
-      return launch_backward<__nv_bfloat16>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                            attention_weights, grad_output, grad_value_accumulator,
-                                            grad_locations, grad_weights, stream);
+      return launch_backward<__nv_bfloat16>(sizes, layout, fused_coordinate, value, sampling_locations,
+                                            attention_weights, grad_output, grad_value_accumulator, grad_locations,
+                                            grad_weights, stream);
   }
   return cudaErrorInvalidValue;
 }

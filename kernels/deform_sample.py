@@ -1,9 +1,13 @@
 """Triton kernels of multi-scale deformable bilinear sampling, forward and backward.
 
-Inputs are ``value (B, S, heads, D)``, ``spatial_shapes (L, 2)`` (``H, W``), ``level_start_index (L,)``,
+Inputs are ``value (B, S, heads, D)``, the level shapes ``[(H_0, W_0), ...]`` as host integers
+(at most ``MAX_LEVELS``; passed as scalar kernel arguments, so nothing is read from the device),
 ``sampling_locations (B, Nq, heads, L, P, 2)`` (``x, y`` in ``[0, 1]``) and ``attention_weights
-(B, Nq, heads, L, P)``; the output is ``(B, Nq, heads * D)``. Pixel coordinates follow the
-``align_corners=False`` convention (``x = loc_x * W - 0.5``); corners outside the map read zero.
+(B, Nq, heads, L, P)``; the output is ``(B, Nq, heads * D)``. Pixel coordinates are
+``grid_sample``'s for ``align_corners=False``, with its roundings: from the grid value
+``g = 2 * loc - 1``, ``(g + 1) * (size / 2) - 0.5`` as one fused multiply-add when ``FUSED`` (what
+grid_sample computes on CUDA and on AVX2/AVX-512 CPUs) or as two roundings otherwise; corners
+outside the map read zero.
 
 Every program owns a block of queries of one (batch, head) pair and a block of channels. Value rows
 are ``D`` contiguous elements, so each corner is a ``(queries, channels)`` gather of whole row
@@ -14,22 +18,50 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Queries per program: enough rows per gather to fill the channel block's loads.
 QUERY_BLOCK = 16
 # Channels per program: IPMT's D = 384 splits into 3 programs per query block, which keeps the
 # fp32 tiles (queries x channels) in registers and gives the GPU more programs than SMs.
 MAX_CHANNEL_BLOCK = 128
+# Levels the kernels take as scalar arguments (Deformable-DETR uses 4, IPMT 1).
+MAX_LEVELS = 4
 
 
 @triton.jit
-def _pixel_coordinates(loc_ptrs, loc_stride_xy, attn_ptrs, height, width, q_mask, ACC_DTYPE: tl.constexpr):
+def _of_level(level: tl.constexpr, v0, v1, v2, v3):
+    """The argument of ``level`` among per-level scalar arguments (``level`` is a compile-time index)."""
+    if level == 0:
+        return v0
+    elif level == 1:
+        return v1
+    elif level == 2:
+        return v2
+    else:
+        return v3
+
+
+@triton.jit
+def _source_coordinate(loc, size, FUSED: tl.constexpr):
+    """grid_sample's pixel coordinate of ``loc`` along an axis of ``size`` pixels (module docstring)."""
+    half_size = size.to(loc.dtype) / 2
+    grid_plus_one = (2 * loc - 1) + 1
+    if FUSED:
+        return tl.fma(grid_plus_one, half_size, -0.5)
+    else:
+        return grid_plus_one * half_size - 0.5
+
+
+@triton.jit
+def _pixel_coordinates(loc_ptrs, loc_stride_xy, attn_ptrs, height, width, q_mask, ACC_DTYPE: tl.constexpr,
+                       FUSED: tl.constexpr):
     """Floor corner, fractions and attention weight of one sampling point per query."""
     loc_x = tl.load(loc_ptrs, mask=q_mask, other=0.0).to(ACC_DTYPE)
     loc_y = tl.load(loc_ptrs + loc_stride_xy, mask=q_mask, other=0.0).to(ACC_DTYPE)
     weight = tl.load(attn_ptrs, mask=q_mask, other=0.0).to(ACC_DTYPE)
-    x = loc_x * width.to(ACC_DTYPE) - 0.5
-    y = loc_y * height.to(ACC_DTYPE) - 0.5
+    x = _source_coordinate(loc_x, width, FUSED)
+    y = _source_coordinate(loc_y, height, FUSED)
     x0 = tl.floor(x)
     y0 = tl.floor(y)
     return x0, y0, x - x0, y - y0, weight
@@ -55,15 +87,21 @@ def _corner_rows(x0, y0, dx: tl.constexpr, dy: tl.constexpr, height, width, star
     return start + row * width + col, valid
 
 
-@triton.jit
+# Level sizes stay runtime integers (a size of 1 must not become a compile-time constant).
+_LEVEL_ARGUMENTS = tuple(f"{kind}{level}" for level in range(MAX_LEVELS) for kind in "hws")
+
+
+@triton.jit(do_not_specialize=_LEVEL_ARGUMENTS)
 def _ms_deform_sample_fwd_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    num_queries, num_heads, channels, num_levels, num_points,
+    value_ptr, loc_ptr, attn_ptr, out_ptr,
+    h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3,
+    num_queries, num_heads, channels, num_points,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_lb, stride_lq, stride_lh, stride_ll, stride_lp, stride_lc,
     stride_ab, stride_aq, stride_ah, stride_al, stride_ap,
     stride_ob, stride_oq, stride_oh, stride_od,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -80,14 +118,14 @@ def _ms_deform_sample_fwd_kernel(
     attn_base = attn_ptr + b * stride_ab + q * stride_aq + h * stride_ah
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC_DTYPE)
-    for lvl in range(num_levels):
-        height = tl.load(shapes_ptr + 2 * lvl)
-        width = tl.load(shapes_ptr + 2 * lvl + 1)
-        start = tl.load(starts_ptr + lvl)
+    for lvl in tl.static_range(NUM_LEVELS):
+        height = _of_level(lvl, h0, h1, h2, h3)
+        width = _of_level(lvl, w0, w1, w2, w3)
+        start = _of_level(lvl, s0, s1, s2, s3)
         for p in range(num_points):
             x0, y0, fx, fy, weight = _pixel_coordinates(
                 loc_base + lvl * stride_ll + p * stride_lp, stride_lc,
-                attn_base + lvl * stride_al + p * stride_ap, height, width, q_mask, ACC_DTYPE)
+                attn_base + lvl * stride_al + p * stride_ap, height, width, q_mask, ACC_DTYPE, FUSED)
             for corner in tl.static_range(4):
                 rows, valid = _corner_rows(x0, y0, corner % 2, corner // 2, height, width, start, q_mask)
                 v = tl.load(value_base + rows[:, None] * stride_vs + d_offsets,
@@ -99,16 +137,18 @@ def _ms_deform_sample_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LEVEL_ARGUMENTS)
 def _ms_deform_sample_bwd_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+    value_ptr, loc_ptr, attn_ptr, grad_out_ptr,
     grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
-    num_tokens, num_queries, num_heads, channels, num_levels, num_points,
+    h0, w0, s0, h1, w1, s1, h2, w2, s2, h3, w3, s3,
+    num_tokens, num_queries, num_heads, channels, num_points,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_lb, stride_lq, stride_lh, stride_ll, stride_lp, stride_lc,
     stride_ab, stride_aq, stride_ah, stride_al, stride_ap,
     stride_gb, stride_gq, stride_gh, stride_gd,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
     """Adds this program's share into zero-initialised, contiguous ``ACC_DTYPE`` buffers:
     grad_value ``(B, S, heads, D)``, grad_loc ``(B, Nq, heads, L, P, 2)``, grad_attn
@@ -129,18 +169,18 @@ def _ms_deform_sample_bwd_kernel(
     loc_base = loc_ptr + b * stride_lb + q * stride_lq + h * stride_lh
     attn_base = attn_ptr + b * stride_ab + q * stride_aq + h * stride_ah
     # Offset of (b, q, h, level 0, point 0) in the contiguous grad_attn buffer.
-    point_base = ((b * num_queries + q) * num_heads + h) * num_levels * num_points
+    point_base = ((b * num_queries + q) * num_heads + h) * NUM_LEVELS * num_points
     grad_out = tl.load(grad_out_ptr + b * stride_gb + q[:, None] * stride_gq + h * stride_gh + d[None, :] * stride_gd,
                        mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(ACC_DTYPE)
 
-    for lvl in range(num_levels):
-        height = tl.load(shapes_ptr + 2 * lvl)
-        width = tl.load(shapes_ptr + 2 * lvl + 1)
-        start = tl.load(starts_ptr + lvl)
+    for lvl in tl.static_range(NUM_LEVELS):
+        height = _of_level(lvl, h0, h1, h2, h3)
+        width = _of_level(lvl, w0, w1, w2, w3)
+        start = _of_level(lvl, s0, s1, s2, s3)
         for p in range(num_points):
             x0, y0, fx, fy, weight = _pixel_coordinates(
                 loc_base + lvl * stride_ll + p * stride_lp, stride_lc,
-                attn_base + lvl * stride_al + p * stride_ap, height, width, q_mask, ACC_DTYPE)
+                attn_base + lvl * stride_al + p * stride_ap, height, width, q_mask, ACC_DTYPE, FUSED)
             grad_weight = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
             grad_x = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
             grad_y = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
@@ -166,29 +206,42 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_geometry(value: torch.Tensor, num_queries: int):
+def _level_arguments(spatial_shapes) -> list:
+    """``(H, W, first token)`` of every level, padded to ``MAX_LEVELS`` levels, flattened."""
+    if not 1 <= len(spatial_shapes) <= MAX_LEVELS:
+        raise ValueError(f"the Triton kernels take 1 to {MAX_LEVELS} levels, got {len(spatial_shapes)}")
+    arguments, start = [], 0
+    for height, width in spatial_shapes:
+        arguments += [height, width, start]
+        start += height * width
+    return arguments + [1, 1, 0] * (MAX_LEVELS - len(spatial_shapes))
+
+
+def _launch_geometry(value: torch.Tensor, num_queries: int, num_levels: int, fused_coordinate: bool):
     batch, _, heads, channels = value.shape
     block_d = min(triton.next_power_of_2(channels), MAX_CHANNEL_BLOCK)
     grid = (triton.cdiv(num_queries, QUERY_BLOCK), batch * heads, triton.cdiv(channels, block_d))
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
-    return grid, dict(BLOCK_Q=QUERY_BLOCK, BLOCK_D=block_d, ACC_DTYPE=acc)
+    return grid, dict(NUM_LEVELS=num_levels, BLOCK_Q=QUERY_BLOCK, BLOCK_D=block_d, ACC_DTYPE=acc,
+                      FUSED=fused_coordinate)
 
 
-def ms_deform_sample_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """``(B, Nq, heads * D)`` weighted bilinear samples; any strides, output in ``value.dtype``."""
+def ms_deform_sample_forward(value, spatial_shapes, sampling_locations, attention_weights, fused_coordinate):
+    """``(B, Nq, heads * D)`` weighted bilinear samples; any strides, output in ``value.dtype``.
+    ``spatial_shapes``: ``[(H, W), ...]`` per level; ``fused_coordinate``: see the module docstring."""
     batch, _, heads, channels = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     out = value.new_empty(batch, num_queries, heads, channels)
-    grid, meta = _launch_geometry(value, num_queries)
-    _ms_deform_sample_fwd_kernel[grid](
-        value, spatial_shapes.contiguous(), level_start_index.contiguous(), sampling_locations, attention_weights, out,
-        num_queries, heads, channels, num_levels, num_points,
+    grid, meta = _launch_geometry(value, num_queries, num_levels, fused_coordinate)
+    wrap_triton(_ms_deform_sample_fwd_kernel)[grid](
+        value, sampling_locations, attention_weights, out, *_level_arguments(spatial_shapes),
+        num_queries, heads, channels, num_points,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(), *out.stride(), **meta)
     return out.view(batch, num_queries, heads * channels)
 
 
-def ms_deform_sample_backward(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights):
+def ms_deform_sample_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights,
+                              fused_coordinate):
     """Gradients ``(value, sampling_locations, attention_weights)`` of the forward, in their dtypes."""
     batch, num_tokens, heads, channels = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
@@ -197,11 +250,10 @@ def ms_deform_sample_backward(grad_out, value, spatial_shapes, level_start_index
     grad_loc = torch.zeros(sampling_locations.shape, dtype=acc_dtype, device=value.device)
     grad_attn = torch.zeros(attention_weights.shape, dtype=acc_dtype, device=value.device)
     grad_out = grad_out.reshape(batch, num_queries, heads, channels)
-    grid, meta = _launch_geometry(value, num_queries)
-    _ms_deform_sample_bwd_kernel[grid](
-        value, spatial_shapes.contiguous(), level_start_index.contiguous(), sampling_locations, attention_weights,
-        grad_out, grad_value, grad_loc, grad_attn,
-        num_tokens, num_queries, heads, channels, num_levels, num_points,
+    grid, meta = _launch_geometry(value, num_queries, num_levels, fused_coordinate)
+    wrap_triton(_ms_deform_sample_bwd_kernel)[grid](
+        value, sampling_locations, attention_weights, grad_out, grad_value, grad_loc, grad_attn,
+        *_level_arguments(spatial_shapes), num_tokens, num_queries, heads, channels, num_points,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(), *grad_out.stride(), **meta)
     return (grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype),
             grad_attn.to(attention_weights.dtype))

@@ -28,7 +28,7 @@ LOW_PRECISION_FLOOR_ULPS = 4.0
 
 
 def _as_double(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().cpu().double()
+    return t.detach().to("cpu", torch.float64).contiguous()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

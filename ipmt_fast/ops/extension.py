@@ -3,8 +3,11 @@
 The sources are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into the
 default torch extensions directory (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``),
 under a name keyed by a hash of the sources and build flags: a later process with the same sources
-loads the cached library without compiling. The CUDA kernels are compiled in only when PyTorch sees
-a GPU and a CUDA toolkit (``nvcc``) is found; otherwise the library serves CPU tensors only.
+loads the cached library without compiling. The library registers its operators with the PyTorch
+dispatcher (``TORCH_LIBRARY(ipmt_fast, ...)``): they are called as ``torch.ops.ipmt_fast.<name>``,
+and each op module registers their fake (shape-only) implementations, autograd and autocast rules
+through :func:`on_load` once the library is in. The CUDA kernels are compiled in only when PyTorch
+sees a GPU and a CUDA toolkit (``nvcc``) is found; otherwise the library serves CPU tensors only.
 
 A build that cannot happen (no C++ compiler, no ninja, a compile error) is not an exception at
 import time: :func:`unavailable_reason` returns a sentence naming what is missing, which the backend
@@ -17,26 +20,29 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 
-EXTENSION_NAME = "ipmt_fast_ms_deform_sample"
-CPU_SOURCES = ("ms_deform_sample.cpp", "ms_deform_sample_cpu.cpp")
-CUDA_SOURCES = ("ms_deform_sample_cuda.cu",)
-HEADERS = ("ms_deform_sample.h", "ms_deform_sample_cuda.h")
-CXX_FLAGS = ("-O3", "-fopenmp")
+EXTENSION_NAME = "ipmt_fast_ops"
+# The operator namespace the library registers (``torch.ops.ipmt_fast``).
+NAMESPACE = "ipmt_fast"
+CPU_SOURCES = ("ops.cpp", "ms_deform_sample_cpu.cpp")
+CUDA_SOURCES = ("ms_deform_sample_cuda.cu", "ms_deform_sample_cuda_ops.cpp")
+HEADERS = ("ms_deform_sample.h", "ms_deform_sample_binding.h", "ms_deform_sample_cuda.h")
+# -ffp-contract=off: a product and a sum stay two roundings unless the code asks for a fused
+# multiply-add (the deformable sampling reproduces grid_sample's rounding, ms_deform_sample.h).
+CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LD_FLAGS = ("-fopenmp",)
 CUDA_FLAGS = ("-O3",)
-# Defined when the CUDA kernels are compiled in; the binding guards its CUDA calls with it.
-CUDA_DEFINE = "-DIPMT_WITH_CUDA"
 # How much of a failed build's compiler output a reason quotes.
 BUILD_LOG_TAIL_CHARS = 2000
 
 _lock = threading.Lock()
-_module = None
+_library_path: Optional[str] = None
 _build_error: Optional[str] = None
 _cuda_unavailable: Optional[str] = None
+_on_load: List[Callable[[], None]] = []
 
 
 class ExtensionUnavailableError(RuntimeError):
@@ -100,12 +106,11 @@ def _compile(with_cuda: bool):
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
         raise ExtensionUnavailableError(f"C++/CUDA sources not found: {', '.join(missing)}")
-    cflags = list(CXX_FLAGS) + ([CUDA_DEFINE] if with_cuda else [])
     try:
         return cpp_extension.load(
             name=_build_name(sources, with_cuda), sources=[str(p) for p in sources],
-            extra_cflags=cflags, extra_cuda_cflags=list(CUDA_FLAGS),
-            extra_ldflags=list(LD_FLAGS), extra_include_paths=[str(directory)], with_cuda=with_cuda, verbose=False)
+            extra_cflags=list(CXX_FLAGS), extra_cuda_cflags=list(CUDA_FLAGS), extra_ldflags=list(LD_FLAGS),
+            extra_include_paths=[str(directory)], with_cuda=with_cuda, is_python_module=False, verbose=False)
     except Exception as error:  # compiler errors arrive as RuntimeError / CalledProcessError
         log = str(error)[-BUILD_LOG_TAIL_CHARS:]
         kind = "C++/CUDA" if with_cuda else "C++"
@@ -113,8 +118,8 @@ def _compile(with_cuda: bool):
 
 
 def _build():
-    """(module, why it has no CUDA kernels or None). A failed CUDA build falls back to a CPU-only
-    build, so the CPU kernels stay usable and the CUDA reason says what went wrong."""
+    """(library path, why it has no CUDA kernels or None). A failed CUDA build falls back to a
+    CPU-only build, so the CPU kernels stay usable and the CUDA reason says what went wrong."""
     tools = build_tools_reason()
     if tools is not None:
         raise ExtensionUnavailableError(f"cannot build the C++ extension: {tools}")
@@ -127,18 +132,38 @@ def _build():
     return _compile(with_cuda=False), cuda_reason
 
 
-def load_extension():
-    """The compiled extension module, built on first use (once per process)."""
-    global _module, _build_error, _cuda_unavailable
+def on_load(register: Callable[[], None]) -> None:
+    """Run ``register`` (an op module's Python-side registrations of its C++ ops) once the library
+    is loaded: now if it already is, else right after it loads."""
     with _lock:
-        if _module is None and _build_error is None:
+        _on_load.append(register)
+        loaded = _library_path is not None
+    if loaded:
+        register()
+
+
+def load_extension() -> str:
+    """Build (on first use) and load the operator library; returns its path. Once per process."""
+    global _library_path, _build_error, _cuda_unavailable
+    with _lock:
+        newly_loaded = False
+        if _library_path is None and _build_error is None:
             try:
-                _module, _cuda_unavailable = _build()
+                _library_path, _cuda_unavailable = _build()
+                newly_loaded = True
             except ExtensionUnavailableError as error:
                 _build_error = str(error)
-        if _module is None:
+        if _library_path is None:
             raise ExtensionUnavailableError(_build_error)
-        return _module
+        registrations = list(_on_load) if newly_loaded else []
+    for register in registrations:
+        register()
+    return _library_path
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded library has CUDA kernels (it registered ``ms_deform_sample`` for CUDA)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::ms_deform_sample", "CUDA")
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -147,9 +172,9 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     Tries the build (once per process); this is the registry's availability callback.
     """
     try:
-        module = load_extension()
+        load_extension()
     except ExtensionUnavailableError as error:
         return str(error)
-    if device_type == "cuda" and not module.built_with_cuda():
+    if device_type == "cuda" and not built_with_cuda():
         return f"the C++ extension was built without CUDA kernels: {_cuda_unavailable}"
     return None

@@ -1,0 +1,69 @@
+// The ipmt_fast operator library: every op's schema, and the CPU kernels of multi-scale deformable
+// bilinear sampling. The CUDA kernels register themselves from ms_deform_sample_cuda_ops.cpp (built
+// only where PyTorch has CUDA); shape-only (fake) implementations, autograd and autocast rules are
+// registered from Python (ipmt_fast/ops/), so torch.compile and torch.library.opcheck see them all.
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "ms_deform_sample_binding.h"
+
+namespace {
+
+// The CPU kernels compute in float or double; half precision inputs are upcast to float.
+torch::ScalarType cpu_compute_dtype(torch::ScalarType dtype) {
+  return dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+torch::Tensor ms_deform_sample_cpu(const torch::Tensor& value, c10::IntArrayRef spatial_shapes,
+                                   const torch::Tensor& sampling_locations, const torch::Tensor& attention_weights,
+                                   bool fused_coordinate) {
+  const auto dtype = cpu_compute_dtype(value.scalar_type());
+  const auto in = ipmt::prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, dtype);
+  const auto& s = in.sizes;
+  auto output = torch::empty({s.batch, s.queries, s.heads * s.channels}, in.value.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_sample_cpu_forward", [&] {
+    ipmt::ms_deform_sample_cpu_forward<scalar_t>(s, in.layout, fused_coordinate, in.value.data_ptr<scalar_t>(),
+                                                 in.sampling_locations.data_ptr<scalar_t>(),
+                                                 in.attention_weights.data_ptr<scalar_t>(),
+                                                 output.data_ptr<scalar_t>());
+  });
+  return output.to(value.scalar_type());
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> ms_deform_sample_backward_cpu(
+    const torch::Tensor& grad_output, const torch::Tensor& value, c10::IntArrayRef spatial_shapes,
+    const torch::Tensor& sampling_locations, const torch::Tensor& attention_weights, bool fused_coordinate) {
+  const auto dtype = cpu_compute_dtype(value.scalar_type());
+  const auto in = ipmt::prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, dtype);
+  const auto& s = in.sizes;
+  const auto grad = grad_output.to(dtype).contiguous();
+  auto grad_value = torch::zeros_like(in.value);
+  auto grad_locations = torch::empty_like(in.sampling_locations);
+  auto grad_weights = torch::empty_like(in.attention_weights);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_sample_cpu_backward", [&] {
+    ipmt::ms_deform_sample_cpu_backward<scalar_t>(
+        s, in.layout, fused_coordinate, in.value.data_ptr<scalar_t>(), in.sampling_locations.data_ptr<scalar_t>(),
+        in.attention_weights.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+        grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>());
+  });
+  return {grad_value.to(value.scalar_type()), grad_locations.to(sampling_locations.scalar_type()),
+          grad_weights.to(attention_weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ipmt_fast, m) {
+  // spatial_shapes: (H_0, W_0, H_1, W_1, ...) of the levels concatenated along value's S.
+  // fused_coordinate: whether grid_sample rounds its source coordinate as one fused multiply-add
+  // on this device (see source_coordinate in ms_deform_sample.h).
+  m.def("ms_deform_sample(Tensor value, int[] spatial_shapes, Tensor sampling_locations, "
+        "Tensor attention_weights, bool fused_coordinate) -> Tensor");
+  m.def("ms_deform_sample_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
+        "Tensor sampling_locations, Tensor attention_weights, bool fused_coordinate) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ipmt_fast, CPU, m) {
+  m.impl("ms_deform_sample", &ms_deform_sample_cpu);
+  m.impl("ms_deform_sample_backward", &ms_deform_sample_backward_cpu);
+}

@@ -1,0 +1,101 @@
+"""Plumbing shared by the ops' ``torch.library`` registrations: the operator namespace and the
+autocast rules the ops follow.
+
+Autocast policies (what a floating-point tensor argument becomes under ``torch.autocast``; float64
+is never touched, as autocast itself leaves it alone):
+
+``lower_precision``
+    Cast to the active autocast dtype, like ``nn.Linear``: the op then runs in bf16 / fp16 (the
+    fused backends accumulate in float32).
+``float32``
+    Cast bf16 / fp16 up to float32, like ``grid_sample`` (which autocast runs in float32): for the
+    deformable sampling, whose locations address sub-pixel positions.
+
+The public op functions apply the policy with :func:`follows_autocast`; the custom ops (Triton and
+C++ kernels) get the same rule registered at their autocast dispatch keys
+(:func:`register_autocast`), so a direct ``torch.ops.ipmt_fast.*`` call under autocast, or one
+traced by ``torch.compile``, is cast the same way.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+NAMESPACE = "ipmt_fast"
+AUTOCAST_POLICIES = ("lower_precision", "float32")
+# Device types whose autocast rules the custom ops register.
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+# What autocast may cast; float64 stays as it is.
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+# The Python-side registrations (fake implementations, autograd, autocast) of every op in the
+# namespace live as long as this library object.
+LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def qualified_name(name: str) -> str:
+    """``ipmt_fast::name``."""
+    return f"{NAMESPACE}::{name}"
+
+
+def autocast_target_dtype(policy: str, device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``policy`` casts eligible floating tensors to under the autocast active for
+    ``device_type``, or None when autocast is off there."""
+    if policy not in AUTOCAST_POLICIES:
+        raise ValueError(f"policy must be one of {AUTOCAST_POLICIES}, got {policy!r}")
+    if device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if policy == "lower_precision" else torch.float32
+
+
+def autocast_cast(value, dtype: torch.dtype):
+    """``value`` cast to ``dtype`` if it is a tensor autocast may cast (lists and tuples elementwise)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.dtype in _AUTOCAST_ELIGIBLE and value.dtype != dtype else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(autocast_cast(v, dtype) for v in value)
+    return value
+
+
+def follows_autocast(policy: str):
+    """Decorate a public op function: under autocast its tensor arguments are cast by ``policy``
+    and it runs with autocast disabled. The device is that of the first tensor argument."""
+    if policy not in AUTOCAST_POLICIES:
+        raise ValueError(f"policy must be one of {AUTOCAST_POLICIES}, got {policy!r}")
+
+    def decorate(op):
+        @functools.wraps(op)
+        def wrapper(*args, **kwargs):
+            device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            dtype = autocast_target_dtype(policy, device.type) if device is not None else None
+            if dtype is None:
+                return op(*args, **kwargs)
+            with torch.autocast(device.type, enabled=False):
+                return op(*autocast_cast(args, dtype), **{k: autocast_cast(v, dtype) for k, v in kwargs.items()})
+
+        return wrapper
+
+    return decorate
+
+
+def register_autocast(qualname: str, policy: str) -> None:
+    """Register ``policy`` as the autocast rule of the custom op ``qualname`` for every device type
+    in :data:`AUTOCAST_DEVICE_TYPES` (``torch.library.register_autocast`` takes a fixed dtype;
+    ``lower_precision`` needs the one active at call time)."""
+    op = torch._library.utils.lookup_op(qualname)
+    _, name = torch._library.utils.parse_namespace(qualname)
+    for device_type in AUTOCAST_DEVICE_TYPES:
+        autocast_key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        dispatch_key = getattr(torch._C.DispatchKey, autocast_key)
+
+        def run(*args, _device_type=device_type, _dispatch_key=dispatch_key):
+            dtype = autocast_target_dtype(policy, _device_type)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_dispatch_key)):
+                return op(*(autocast_cast(args, dtype) if dtype is not None else args))
+
+        # The Python-dispatcher path (used while tracing) and the C++ dispatcher path.
+        if op.has_kernel_for_dispatch_key(dispatch_key):
+            op.py_kernels.pop(dispatch_key, None)
+        op.py_impl(dispatch_key)(run)
+        LIBRARY.impl(name, lambda _keyset, *args, _run=run: _run(*args), autocast_key, with_keyset=True)
