@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # A program holds BLOCK_M x BLOCK_N x BLOCK_C fp32 products in registers. At this many elements
 # and warps both kernels compile for sm_90 (C = 384, fp32 and bf16) to at most 128 registers per
@@ -361,7 +362,7 @@ def softmax_pool_forward(query: torch.Tensor, tokens: torch.Tensor, token_mask: 
     keep_tensor, keep_strides = _keep_args(keep, part_max)
 
     grid = (batch, triton.cdiv(rows, split.block_m), split.num_splits)
-    _softmax_pool_partial_kernel[grid](
+    wrap_triton(_softmax_pool_partial_kernel)[grid](
         query, tokens, mask, keep_tensor, _rows_with_allowed_tokens(token_mask), float(masked_bias),
         part_max, part_sum, part_pooled,
         rows, n, channels, split.tokens_per_split, split.num_splits, float(scale),
@@ -369,7 +370,7 @@ def softmax_pool_forward(query: torch.Tensor, tokens: torch.Tensor, token_mask: 
         HAS_KEEP=keep is not None, BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c,
         num_warps=NUM_WARPS)
     block_s = min(triton.next_power_of_2(split.num_splits), max(1, COMBINE_TILE_ELEMENTS // split.block_c))
-    _softmax_pool_combine_kernel[(batch * rows,)](
+    wrap_triton(_softmax_pool_combine_kernel)[(batch * rows,)](
         part_max, part_sum, part_pooled, pooled, lse, rows, channels, split.num_splits, *pooled.stride(),
         BLOCK_S=block_s, BLOCK_C=split.block_c, num_warps=NUM_WARPS)
     return pooled, lse
@@ -402,7 +403,7 @@ def softmax_pool_backward(query: torch.Tensor, tokens: torch.Tensor, token_mask:
     grad_tokens_arg = grad_tokens if need_grad_tokens else grad_query_part
     grad_tokens_strides = grad_tokens.stride() if need_grad_tokens else (0, 0, 0)
 
-    _softmax_pool_backward_kernel[(batch, split.num_splits)](
+    wrap_triton(_softmax_pool_backward_kernel)[(batch, split.num_splits)](
         query, tokens, mask, keep_tensor, _rows_with_allowed_tokens(token_mask), float(masked_bias), lse, pooled,
         grad_pooled, grad_tokens_arg, grad_query_part,
         rows, n, channels, split.tokens_per_split, split.num_splits, float(scale),

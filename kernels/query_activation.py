@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Tile sizes. 16 is the smallest row count `tl.dot` accepts on a GPU, so the (usually tiny)
 # prototype dimension is padded to it.
@@ -73,12 +74,12 @@ def _tile_matmul_nt(a_base, stride_a_row, stride_a_k, b_base, stride_b_row, stri
 
 @triton.jit
 def _thresholded_logits_kernel(
-    a_ptr, b_ptr, logits_ptr, keep_ptr, threshold_ptr,
+    a_ptr, b_ptr, logits_ptr, keep_ptr,
     M, N, C,
     stride_ab, stride_am, stride_ac,
     stride_bb, stride_bn, stride_bc,
     stride_lb, stride_lm, stride_ln,
-    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, THRESHOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -91,21 +92,21 @@ def _thresholded_logits_kernel(
 
     # The threshold applies to the logits as stored (rounded to their dtype), like a test on the
     # returned tensor would; compared in the accumulator type (exact, and the interpreter cannot
-    # compare bfloat16).
+    # compare bfloat16). THRESHOLD is a compile-time float (one per dtype), exact in ACC_DTYPE.
     logits = acc.to(logits_ptr.dtype.element_ty)
-    keep = logits.to(ACC_DTYPE) >= tl.load(threshold_ptr).to(ACC_DTYPE)
+    keep = logits.to(ACC_DTYPE) >= THRESHOLD
     out = batch * stride_lb + rows[:, None] * stride_lm + cols[None, :] * stride_ln
     in_bounds = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(logits_ptr + out, logits, mask=in_bounds)
     tl.store(keep_ptr + out, keep.to(tl.uint8), mask=in_bounds)
 
 
-def thresholded_logits(a: torch.Tensor, b: torch.Tensor, threshold: torch.Tensor):
+def thresholded_logits(a: torch.Tensor, b: torch.Tensor, threshold: float):
     """``logits = a @ b^T`` per batch and ``logits >= threshold``, in one pass over ``b``.
 
     Args:
         a: ``(B, M, C)``; b: ``(B, N, C)``, same dtype, any strides.
-        threshold: one-element tensor of ``a``'s dtype.
+        threshold: a float exactly representable in ``a``'s dtype (it becomes a kernel constant).
 
     Returns:
         ``(logits (B, M, N) of a's dtype, keep (B, M, N) bool)``, both contiguous.
@@ -115,11 +116,11 @@ def thresholded_logits(a: torch.Tensor, b: torch.Tensor, threshold: torch.Tensor
     logits = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
     keep = torch.empty((batch, m, n), dtype=torch.bool, device=a.device)
     grid = (triton.cdiv(n, TOKEN_BLOCK), triton.cdiv(m, PROTOTYPE_BLOCK), batch)
-    _thresholded_logits_kernel[grid](
-        a, b, logits, keep.view(torch.uint8), threshold,
+    wrap_triton(_thresholded_logits_kernel)[grid](
+        a, b, logits, keep.view(torch.uint8),
         m, n, c,
         *a.stride(), *b.stride(), *logits.stride(),
-        ACC_DTYPE=_TL_DTYPES[accumulator_dtype(a.dtype)], DOT_DTYPE=_dot_operand_dtype(a),
+        ACC_DTYPE=_TL_DTYPES[accumulator_dtype(a.dtype)], DOT_DTYPE=_dot_operand_dtype(a), THRESHOLD=threshold,
         BLOCK_M=PROTOTYPE_BLOCK, BLOCK_N=TOKEN_BLOCK, BLOCK_C=CHANNEL_BLOCK, **_launch_options(a),
     )
     return logits, keep
@@ -177,7 +178,7 @@ def logits_backward(grad_logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
     grad_b = torch.empty((batch, n, c), dtype=b.dtype, device=b.device)
     grad_a_partial = torch.empty((batch, token_blocks, m, c), dtype=acc_dtype, device=a.device)
     grid = (token_blocks, triton.cdiv(c, CHANNEL_BLOCK), batch)
-    _logits_backward_kernel[grid](
+    wrap_triton(_logits_backward_kernel)[grid](
         grad_logits, a, b, grad_b, grad_a_partial,
         m, n, c,
         *grad_logits.stride(), *a.stride(), *b.stride(), *grad_b.stride(), *grad_a_partial.stride(),
@@ -230,7 +231,7 @@ def bias_relu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     o = weight.shape[0]
     y = torch.empty((batch, n, o), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, TOKEN_BLOCK), triton.cdiv(o, CHANNEL_BLOCK), batch)
-    _bias_relu_matmul_kernel[grid](
+    wrap_triton(_bias_relu_matmul_kernel)[grid](
         x, weight, bias, y,
         n, k, o,
         *x.stride(), *weight.stride(), *bias.stride(), *y.stride(),
@@ -299,7 +300,7 @@ def relu_grad_matmul(grad_y: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
     grad_pre = torch.empty((batch, n, o), dtype=grad_y.dtype, device=y.device)
     bias_grad_partial = torch.empty((batch, token_blocks, o), dtype=acc_dtype, device=y.device)
     grid = (token_blocks, triton.cdiv(k, CHANNEL_BLOCK), batch)
-    _relu_grad_matmul_kernel[grid](
+    wrap_triton(_relu_grad_matmul_kernel)[grid](
         grad_y, y, weight, grad_x, grad_pre, bias_grad_partial,
         n, k, o,
         *grad_y.stride(), *y.stride(), *weight.stride(), *grad_x.stride(), *grad_pre.stride(),

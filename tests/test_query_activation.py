@@ -9,10 +9,12 @@ import sys
 
 import pytest
 import torch
+from compare import assert_close, assert_low_precision_close
 
 from ipmt_fast.ops import prototype_mask_logits, prototype_query_update, registry
-from ipmt_fast.ops.query_activation import (MASK_LOGITS_OP, QUERY_UPDATE_OP, prototype_mask_logits_reference,
-                                            prototype_query_update_reference, published_mask_threshold)
+from ipmt_fast.ops.query_activation import (MASK_LOGIT_THRESHOLD, MASK_LOGITS_OP, QUERY_UPDATE_OP,
+                                            mask_logit_threshold, prototype_mask_logits_reference,
+                                            prototype_query_update_reference)
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -20,12 +22,6 @@ FUSED_BACKENDS = ("torch", "triton")
 # Relative tolerances (max |error| / max |expected|).
 FLOAT64_TOL = 1e-10
 FLOAT32_TOL = 1e-5
-HALF_TOL = 1e-2
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
 def strided_like(t: torch.Tensor) -> torch.Tensor:
@@ -72,27 +68,29 @@ def outputs_and_grads(fn, inputs, cotangent_dtype):
     return out, torch.autograd.grad(first, inputs, cotangent)
 
 
-def check_mask_logits(backend, shape, dtype, tol, device="cpu", contiguous=True, reference_dtype=None):
-    """Logits and gradients within ``tol`` of the reference (run in ``reference_dtype``, default
-    ``dtype``); the mask exactly the published rule on the returned logits and the reference's."""
+def check_mask_logits(backend, shape, dtype, tol=None, device="cpu", contiguous=True):
+    """Logits and gradients against the reference in ``dtype`` (relative ``tol``), or for half
+    precision (``tol`` None) within twice the reference form's own error against the float64
+    oracle; the mask exactly the published rule on the returned logits."""
     raw = mask_logits_inputs(*shape, dtype, device)
     inputs = leaves(*raw, contiguous=contiguous)
-    ref_inputs = leaves(*(t.to(reference_dtype or dtype) for t in raw))
     (logits, mask), grads = outputs_and_grads(lambda e, t: prototype_mask_logits(e, t, backend=backend),
                                               inputs, dtype)
-    (ref_logits, ref_mask), ref_grads = outputs_and_grads(prototype_mask_logits_reference, ref_inputs, dtype)
+    (ref_logits, ref_mask), ref_grads = outputs_and_grads(prototype_mask_logits_reference, leaves(*raw), dtype)
     assert logits.dtype == dtype and logits.shape == ref_logits.shape
     assert mask.dtype == torch.bool and not mask.requires_grad
-    assert relative_error(logits, ref_logits) <= tol
-    for name, grad, ref_grad in zip(("embedding", "tokens"), grads, ref_grads):
-        assert grad.dtype == dtype
-        assert relative_error(grad, ref_grad) <= tol, name
+    assert all(grad.dtype == dtype for grad in grads)
     assert torch.equal(mask, logits.sigmoid() >= 0.5)
-    if reference_dtype is None:
+    names = ("logits", "grad embedding", "grad tokens")
+    if tol is not None:
+        for name, a, e in zip(names, (logits, *grads), (ref_logits, *ref_grads)):
+            assert_close(a, e, rtol=tol, name=f"{backend} {name}")
         assert torch.equal(mask, ref_mask)
-    else:  # Logits rounded differently may straddle the threshold: compare away from it.
-        clear = ref_logits.abs() > 4 * tol * ref_logits.abs().max()
-        assert torch.equal(mask[clear], ref_mask[clear])
+        return
+    (oracle_logits, _), oracle_grads = outputs_and_grads(
+        prototype_mask_logits_reference, leaves(*(t.double() for t in raw)), dtype)
+    for name, a, r, o in zip(names, (logits, *grads), (ref_logits, *ref_grads), (oracle_logits, *oracle_grads)):
+        assert_low_precision_close(a, r, o, dtype, name=f"{backend} {name}")
 
 
 def published_pre_activation(query, prototype, weight):
@@ -101,32 +99,38 @@ def published_pre_activation(query, prototype, weight):
     return torch.nn.functional.conv2d(stacked.transpose(1, 2)[..., None], weight)[..., 0].transpose(1, 2)
 
 
-def check_query_update(backend, shape, dtype, tol, device="cpu", contiguous=True, reference_dtype=None):
-    """Output and the gradients of query, prototype and weight within ``tol`` of the reference.
+def check_query_update(backend, shape, dtype, tol=None, device="cpu", contiguous=True):
+    """Output and the gradients of query, prototype and weight against the reference in ``dtype``
+    (relative ``tol``), or for half precision (``tol`` None) within twice the reference form's own
+    error against the float64 oracle.
 
-    Against a reference in a wider dtype, a pre-activation within rounding of zero may be clamped
-    by one and not the other, and ReLU's gradient jumps there; so the output is compared with the
-    reference and the gradients with the reference's conv differentiated through the backend's own
-    ReLU pattern (which must match the reference's wherever the reference is clearly nonzero).
+    In half precision a pre-activation within rounding of zero may be clamped by one and not the
+    other, and ReLU's gradient jumps there; so the oracle's gradients are the float64 conv
+    differentiated through the backend's own ReLU pattern (which must match the oracle's wherever
+    the pre-activation is clearly nonzero).
     """
     raw = query_update_inputs(*shape, dtype, device)
     inputs = leaves(*raw, contiguous=contiguous)
-    ref_inputs = leaves(*(t.to(reference_dtype or dtype) for t in raw))
     out, grads = outputs_and_grads(lambda q, p, w: prototype_query_update(q, p, w, backend=backend), inputs,
                                    dtype)
-    ref_out, ref_grads = outputs_and_grads(prototype_query_update_reference, ref_inputs, dtype)
+    ref_out, ref_grads = outputs_and_grads(prototype_query_update_reference, leaves(*raw), dtype)
     assert out.dtype == dtype and out.shape == ref_out.shape
-    assert relative_error(out, ref_out) <= tol
-    if reference_dtype is not None:
-        pre_activation = published_pre_activation(*ref_inputs)
-        active = out > 0
-        clear = pre_activation.abs() > 4 * tol * pre_activation.abs().max()
-        assert torch.equal(active[clear], pre_activation[clear] > 0)
-        cotangent = random_cotangent(out.shape, dtype, device).to(pre_activation.dtype)
-        ref_grads = torch.autograd.grad(pre_activation, ref_inputs, cotangent * active)
-    for name, grad, ref_grad in zip(("query", "prototype", "weight"), grads, ref_grads):
-        assert grad.dtype == dtype
-        assert relative_error(grad, ref_grad) <= tol, name
+    assert all(grad.dtype == dtype for grad in grads)
+    names = ("output", "grad query", "grad prototype", "grad weight")
+    if tol is not None:
+        for name, a, e in zip(names, (out, *grads), (ref_out, *ref_grads)):
+            assert_close(a, e, rtol=tol, name=f"{backend} {name}")
+        return
+    oracle_inputs = leaves(*(t.double() for t in raw))
+    oracle_out = prototype_query_update_reference(*oracle_inputs)
+    pre_activation = published_pre_activation(*oracle_inputs)
+    active = out > 0
+    clear = pre_activation.abs() > 4 * torch.finfo(dtype).eps * pre_activation.abs().max()
+    assert torch.equal(active[clear], pre_activation[clear] > 0)
+    cotangent = random_cotangent(out.shape, dtype, device).to(pre_activation.dtype)
+    oracle_grads = torch.autograd.grad(pre_activation, oracle_inputs, cotangent * active)
+    for name, a, r, o in zip(names, (out, *grads), (ref_out, *ref_grads), (oracle_out, *oracle_grads)):
+        assert_low_precision_close(a, r, o, dtype, name=f"{backend} {name}")
 
 
 # (B, M, N, C): M in {1, 2}, odd N, B in {1, 2}; the last shape spans several token, channel
@@ -151,24 +155,23 @@ def test_query_update_torch_float64(shape, contiguous):
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
 def test_mask_logits_triton_float32(shape, contiguous):
-    check_mask_logits("triton", shape, torch.float32, FLOAT32_TOL, contiguous=contiguous,
-                      reference_dtype=torch.float64)
+    check_mask_logits("triton", shape, torch.float32, FLOAT32_TOL, contiguous=contiguous)
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", UPDATE_SHAPES, ids=str)
 def test_query_update_triton_float32(shape, contiguous):
-    check_query_update("triton", shape, torch.float32, FLOAT32_TOL, contiguous=contiguous,
-                       reference_dtype=torch.float64)
+    check_query_update("triton", shape, torch.float32, FLOAT32_TOL, contiguous=contiguous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_half_precision(backend, dtype):
-    """Half-precision inputs, float32 sums: within rounding of the float64 reference (on the CPU the
-    Triton interpreter converts the operands to float32; compiled half products run on CUDA below)."""
-    check_mask_logits(backend, (2, 2, 67, 72), dtype, HALF_TOL, reference_dtype=torch.float64)
-    check_query_update(backend, (2, 67, 72), dtype, HALF_TOL, reference_dtype=torch.float64)
+    """Half-precision inputs, float32 sums: within twice the reference form's own error against the
+    float64 oracle (on the CPU the Triton interpreter converts the operands to float32; compiled
+    half products run on CUDA below)."""
+    check_mask_logits(backend, (2, 2, 67, 72), dtype)
+    check_query_update(backend, (2, 67, 72), dtype)
 
 
 def test_triton_float64():
@@ -196,7 +199,7 @@ EDGE_VALUES = [-1e-9, -1e-8, -1e-7, -1e-6, -1e-4, -1e-3, -0.0, 0.0, 1e-9, 1.0, -
 
 def edge_logit_values(dtype, device):
     """Logits at and around the rounded-sigmoid threshold, then ``EDGE_VALUES``."""
-    threshold = published_mask_threshold(dtype, torch.device(device)).cpu()
+    threshold = torch.tensor([mask_logit_threshold(dtype)], dtype=dtype)
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[threshold.element_size()]
     magnitudes = (-threshold).view(as_int) + torch.arange(-SWEEP_ULPS, SWEEP_ULPS + 1, dtype=as_int)
     sweep = -magnitudes.view(dtype)
@@ -225,12 +228,24 @@ def test_mask_rounding_edge(backend, dtype, device="cpu"):
         assert mask[0, 0, sweep + EDGE_VALUES.index(-1e-9)]
 
 
-def test_mask_threshold_is_the_rounded_sigmoid_boundary():
-    """Below the threshold the rounded sigmoid is under 0.5 for a dense sweep of float32 values."""
-    threshold = published_mask_threshold(torch.float32, torch.device("cpu"))
-    magnitudes = (-threshold).view(torch.int32) + torch.arange(-4096, 4096, dtype=torch.int32)
-    values = -magnitudes.view(torch.float32)
-    assert torch.equal(values >= threshold, values.sigmoid() >= 0.5)
+# Values swept on each side of the threshold by the proof below (every value in between for the
+# 16-bit dtypes, which have few).
+THRESHOLD_SWEEP_ULPS = 1 << 14
+
+
+@pytest.mark.parametrize("dtype", list(MASK_LOGIT_THRESHOLD), ids=str)
+def test_mask_threshold_constant_is_torch_sigmoids_boundary(dtype, device="cpu"):
+    """The constant keeps exactly what torch's own sigmoid >= 0.5 keeps, over a dense sweep of the
+    values of ``dtype`` around it, and it is kept while the next value below is not."""
+    threshold = torch.tensor([mask_logit_threshold(dtype)], dtype=dtype)
+    assert threshold.item() == mask_logit_threshold(dtype)  # exactly representable
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[threshold.element_size()]
+    magnitudes = (-threshold).view(as_int) + torch.arange(-THRESHOLD_SWEEP_ULPS, THRESHOLD_SWEEP_ULPS, dtype=as_int)
+    values = (-magnitudes[magnitudes >= 0].view(dtype)).to(device)
+    assert torch.equal(values >= mask_logit_threshold(dtype), values.sigmoid() >= 0.5)
+    below = torch.nextafter(threshold.double(), torch.tensor(-1.0, dtype=torch.float64)).to(dtype)
+    below = below if below < threshold else (-(-threshold).view(as_int).add(1)).view(dtype)
+    assert bool(threshold.to(device).sigmoid() >= 0.5) and not bool(below.to(device).sigmoid() >= 0.5)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -242,7 +257,7 @@ def test_query_update_weight_in_another_dtype(backend):
     out = prototype_query_update(query, prototype, weight, backend=backend)
     expected = prototype_query_update_reference(query, prototype, weight.detach().float())
     assert out.dtype == torch.float32
-    assert relative_error(out, expected) <= FLOAT32_TOL
+    assert_close(out, expected, rtol=FLOAT32_TOL)
     out.sum().backward()
     assert weight.grad.dtype == torch.float64
 
@@ -294,7 +309,9 @@ import triton.language as tl
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import torch
 from ipmt_fast.kernels import query_activation as kernels
+from ipmt_fast.ops.query_activation import mask_logit_threshold
 
 POINTER = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
 ACCUMULATOR_POINTERS = {"grad_a_partial_ptr", "bias_ptr", "bias_grad_partial_ptr"}
@@ -309,10 +326,14 @@ BLOCKS = {
                                            BLOCK_O=kernels.REDUCTION_BLOCK),
 }
 target = GPUTarget("cuda", int(sys.argv[1]), 32)
+THRESHOLDS = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32,
+              tl.float64: torch.float64}
 for dtype, pointer in POINTER.items():
     acc = tl.float64 if dtype == tl.float64 else tl.float32
     for kernel, blocks in BLOCKS.items():
         constexprs = dict(blocks, ACC_DTYPE=acc, DOT_DTYPE=dtype)
+        if "THRESHOLD" in kernel.arg_names:
+            constexprs["THRESHOLD"] = mask_logit_threshold(THRESHOLDS[dtype])
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -357,24 +378,22 @@ CUDA_UPDATE_SHAPES = [(2, 3600, 384), (1, 3601, 384), (2, 1001, 96)]
 
 @needs_cuda
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, FLOAT32_TOL), (torch.float16, HALF_TOL),
-                                       (torch.bfloat16, HALF_TOL)], ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FLOAT32_TOL), (torch.float16, None),
+                                       (torch.bfloat16, None)], ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_cuda_mask_logits(backend, dtype, tol, contiguous):
     for shape in CUDA_MASK_SHAPES:
-        check_mask_logits(backend, shape, dtype, tol, device="cuda", contiguous=contiguous,
-                          reference_dtype=torch.float64)
+        check_mask_logits(backend, shape, dtype, tol, device="cuda", contiguous=contiguous)
 
 
 @needs_cuda
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, FLOAT32_TOL), (torch.float16, HALF_TOL),
-                                       (torch.bfloat16, HALF_TOL)], ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FLOAT32_TOL), (torch.float16, None),
+                                       (torch.bfloat16, None)], ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_cuda_query_update(backend, dtype, tol, contiguous):
     for shape in CUDA_UPDATE_SHAPES:
-        check_query_update(backend, shape, dtype, tol, device="cuda", contiguous=contiguous,
-                           reference_dtype=torch.float64)
+        check_query_update(backend, shape, dtype, tol, device="cuda", contiguous=contiguous)
 
 
 @needs_cuda
@@ -389,3 +408,33 @@ def test_cuda_float64(backend):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_cuda_mask_rounding_edge(backend, dtype):
     test_mask_rounding_edge(backend, dtype, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(MASK_LOGIT_THRESHOLD), ids=str)
+def test_cuda_mask_threshold_constant_is_torch_sigmoids_boundary(dtype):
+    test_mask_threshold_constant_is_torch_sigmoids_boundary(dtype, device="cuda")
+
+
+# The Triton interpreter cannot run on the functional-tensor wrappers of opcheck's AOT-dispatch
+# tests, so under it the schema, autograd registration and fake implementation are checked; on a
+# GPU every opcheck test runs.
+INTERPRETER_OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_triton_custom_ops_pass_opcheck(device):
+    test_utils = INTERPRETER_OPCHECK_TESTS if device == "cpu" else None
+    checks = {} if test_utils is None else {"test_utils": test_utils}
+    embedding, tokens = leaves(*mask_logits_inputs(2, 2, 37, 24, torch.float32, device))
+    torch.library.opcheck(torch.ops.ipmt_fast.triton_mask_logits.default, (embedding, tokens), **checks)
+    grad = torch.randn(2, 2, 37, device=device)
+    torch.library.opcheck(torch.ops.ipmt_fast.triton_mask_logits_backward.default,
+                          (grad, embedding.detach(), tokens.detach()), **checks)
+    query, prototype, weight = query_update_inputs(2, 37, 24, torch.float32, device)
+    bias = torch.randn(2, 24, device=device)
+    args = (query.requires_grad_(), weight[:, :24, 0, 0].contiguous().requires_grad_(), bias.requires_grad_())
+    torch.library.opcheck(torch.ops.ipmt_fast.triton_bias_relu_matmul.default, args, **checks)
+    out = torch.ops.ipmt_fast.triton_bias_relu_matmul(*[a.detach() for a in args])
+    torch.library.opcheck(torch.ops.ipmt_fast.triton_relu_grad_matmul.default,
+                          (torch.randn_like(out), out, args[1].detach()), **checks)

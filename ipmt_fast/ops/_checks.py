@@ -1,7 +1,6 @@
 """Argument checks shared by the public op functions: errors name the argument and what it expects."""
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -35,36 +34,3 @@ def check_same_size(what: str, **sizes: int) -> None:
     if len(values) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
         raise ValueError(f"{what} sizes must agree: {detail}")
-
-
-def autocast_dtype(device: torch.device):
-    """The autocast dtype active for ``device``'s type, or None when autocast is off there.
-
-    Under autocast the ops follow ``nn.Linear``: floating inputs are cast to the autocast dtype
-    and the op itself runs with autocast disabled (fused backends accumulate in float32).
-    """
-    device_type = torch.device(device).type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def follows_autocast(op):
-    """Decorate a public op so that under autocast its floating tensor arguments are cast to the
-    autocast dtype and it runs with autocast disabled (see :func:`autocast_dtype`). The device is
-    that of the first tensor argument."""
-
-    @functools.wraps(op)
-    def wrapper(*args, **kwargs):
-        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        dtype = autocast_dtype(device) if device is not None else None
-        if dtype is None:
-            return op(*args, **kwargs)
-
-        def cast(a):
-            return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-        with torch.autocast(device.type, enabled=False):
-            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
-
-    return wrapper

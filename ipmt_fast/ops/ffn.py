@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import registry
-from ._checks import check_same_size, check_tensor, follows_autocast
+from ._checks import check_same_size, check_tensor
+from ._library import follows_autocast
 
 OP_NAME = "feed_forward"
 
@@ -101,7 +102,7 @@ registry.register(OP_NAME, "reference", feed_forward_reference)
 registry.register(OP_NAME, "torch", feed_forward_torch)
 
 
-@follows_autocast
+@follows_autocast("lower_precision")
 def feed_forward(x: torch.Tensor, hidden_weight: torch.Tensor, output_weight: torch.Tensor,
                  hidden_keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0, recompute_hidden: bool = False,
                  backend: str = "auto") -> torch.Tensor:

@@ -33,12 +33,14 @@ also writes and reads two (B, N, C) projections and (B, M, N) attention maps.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch.library import triton_op
 
 from . import registry
-from ._checks import check_same_size, check_tensor, follows_autocast
+from ._checks import check_same_size, check_tensor
+from ._library import follows_autocast, qualified_name, register_autocast
 
 OP_NAME = "masked_prototype_attention"
 
@@ -101,38 +103,72 @@ def masked_prototype_attention_torch(prototype, tokens, token_mask, q_weight, k_
                                       v_weight, proj_weight, attn_keep, scale)
 
 
-class TritonSoftmaxPool(torch.autograd.Function):
-    """The triton backend's token work: one streaming pass forward, one backward (``ipmt_fast.kernels``).
+@triton_op(qualified_name("triton_softmax_pool"), mutates_args=())
+def triton_softmax_pool(query_key: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                        attn_keep: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The triton backend's token work, one streaming pass (``ipmt_fast.kernels``): the pooled rows
+    and the per-row log-sum-exp (B, M), which backward uses instead of the (B, M, N) attention."""
+    from ..kernels import prototype_attention as kernels
 
-    Saves the per-row log-sum-exp (B, M), not the (B, M, N) attention. Returns gradients for
-    ``query_key`` and ``tokens`` only: ``token_mask`` is boolean and ``attn_keep`` a sampled mask.
-    """
+    return kernels.softmax_pool_forward(query_key, tokens, token_mask, attn_keep, scale, MASKED_LOGIT_BIAS)
 
-    @staticmethod
-    def forward(ctx, query_key, tokens, token_mask, attn_keep, scale):
-        from ..kernels import prototype_attention as kernels
 
-        pooled, lse = kernels.softmax_pool_forward(query_key, tokens, token_mask, attn_keep, scale,
-                                                   MASKED_LOGIT_BIAS)
-        ctx.save_for_backward(query_key, tokens, token_mask, attn_keep, pooled, lse)
-        ctx.scale = scale
-        return pooled
+@triton_op(qualified_name("triton_softmax_pool_backward"), mutates_args=())
+def triton_softmax_pool_backward(query_key: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                                 attn_keep: Optional[torch.Tensor], scale: float, pooled: torch.Tensor,
+                                 lse: torch.Tensor, grad_pooled: torch.Tensor,
+                                 need_grad_tokens: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of query_key and (when ``need_grad_tokens``, else an empty tensor) of the tokens."""
+    from ..kernels import prototype_attention as kernels
 
-    @staticmethod
-    def backward(ctx, grad_pooled):
-        from ..kernels import prototype_attention as kernels
+    grad_query_key, grad_tokens = kernels.softmax_pool_backward(
+        query_key, tokens, token_mask, attn_keep, scale, MASKED_LOGIT_BIAS, pooled, lse, grad_pooled,
+        need_grad_tokens=need_grad_tokens)
+    return grad_query_key, grad_tokens if need_grad_tokens else tokens.new_empty(0)
 
-        query_key, tokens, token_mask, attn_keep, pooled, lse = ctx.saved_tensors
-        grad_query_key, grad_tokens = kernels.softmax_pool_backward(
-            query_key, tokens, token_mask, attn_keep, ctx.scale, MASKED_LOGIT_BIAS, pooled, lse, grad_pooled,
-            need_grad_tokens=ctx.needs_input_grad[1])
-        return grad_query_key, grad_tokens, None, None, None
+
+@triton_softmax_pool.register_fake
+def _softmax_pool_fake(query_key, tokens, token_mask, attn_keep, scale):
+    b, m, c = query_key.shape
+    return tokens.new_empty(b, m, c), tokens.new_empty(b, m, dtype=torch.float32)
+
+
+@triton_softmax_pool_backward.register_fake
+def _softmax_pool_backward_fake(query_key, tokens, token_mask, attn_keep, scale, pooled, lse, grad_pooled,
+                                need_grad_tokens):
+    return torch.empty_like(query_key), torch.empty_like(tokens) if need_grad_tokens else tokens.new_empty(0)
+
+
+def _softmax_pool_setup(ctx, inputs, output):
+    query_key, tokens, token_mask, attn_keep, scale = inputs
+    pooled, lse = output
+    ctx.save_for_backward(query_key, tokens, token_mask, attn_keep, pooled, lse)
+    ctx.scale = scale
+
+
+def _softmax_pool_autograd(ctx, grad_pooled, _grad_lse):
+    """Gradients for ``query_key`` and ``tokens`` only: ``token_mask`` is boolean and
+    ``attn_keep`` a sampled mask."""
+    query_key, tokens, token_mask, attn_keep, pooled, lse = ctx.saved_tensors
+    need_grad_tokens = ctx.needs_input_grad[1]
+    grad_query_key, grad_tokens = triton_softmax_pool_backward(
+        query_key, tokens, token_mask, attn_keep, ctx.scale, pooled, lse, grad_pooled.contiguous(), need_grad_tokens)
+    return grad_query_key, grad_tokens if need_grad_tokens else None, None, None, None
+
+
+triton_softmax_pool.register_autograd(_softmax_pool_autograd, setup_context=_softmax_pool_setup)
+register_autocast(qualified_name("triton_softmax_pool"), "lower_precision")
+register_autocast(qualified_name("triton_softmax_pool_backward"), "lower_precision")
+
+
+def _triton_softmax_pool(query_key, tokens, token_mask, attn_keep, scale):
+    return triton_softmax_pool(query_key, tokens, token_mask, attn_keep, scale)[0]
 
 
 def masked_prototype_attention_triton(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight,
                                       attn_keep=None, scale=None):
     """Fused form with the token pass in Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    return _fused_prototype_attention(TritonSoftmaxPool.apply, prototype, tokens, token_mask, q_weight, k_weight,
+    return _fused_prototype_attention(_triton_softmax_pool, prototype, tokens, token_mask, q_weight, k_weight,
                                       v_weight, proj_weight, attn_keep, scale)
 
 
@@ -141,7 +177,7 @@ registry.register(OP_NAME, "triton", masked_prototype_attention_triton, devices=
                   availability=registry.triton_availability)
 
 
-@follows_autocast
+@follows_autocast("lower_precision")
 def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                                q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
                                proj_weight: torch.Tensor, attn_keep: Optional[torch.Tensor] = None,

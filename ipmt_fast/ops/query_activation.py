@@ -12,14 +12,15 @@ Two ops that read the query tokens once per transformer layer:
 """
 from __future__ import annotations
 
-import functools
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.library import triton_op
 
 from . import registry
-from ._checks import check_same_size, check_tensor, follows_autocast
+from ._checks import check_same_size, check_tensor
+from ._library import follows_autocast, qualified_name, register_autocast
 
 MASK_LOGITS_OP = "prototype_mask_logits"
 QUERY_UPDATE_OP = "prototype_query_update"
@@ -48,40 +49,24 @@ def prototype_query_update_reference(query, prototype, weight):
 # Shared by the fused backends
 # ----------------------------------------------------------------------------------------------
 
-_SAME_WIDTH_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-                   torch.float64: torch.int64}
+# The least logit t of each dtype whose sigmoid, as torch rounds it, is still >= 0.5. The
+# published mask is sigmoid(logit) >= 0.5; mathematically that is logit >= 0, but the rounded
+# sigmoid is exactly 0.5 for small negative logits too, so the published mask keeps them, and
+# `logit >= t` reproduces it without a sigmoid pass. float32 / float64: 1 + exp(-x) rounds to 2
+# until exp(-x) reaches 1 + 1.5 units in the last place; float16 / bfloat16 (computed in float32,
+# rounded once): 0.5 - |x| / 4 rounds to 0.5 until half a unit below 0.5. Proven against torch's
+# own sigmoid on every device the tests run on (tests/test_query_activation.py).
+MASK_LOGIT_THRESHOLD = {
+    torch.float16: -2.0 ** -11,
+    torch.bfloat16: -2.0 ** -8,
+    torch.float32: float.fromhex("-0x1.7ffffcp-23"),
+    torch.float64: float.fromhex("-0x1.7fffffffffffep-52"),
+}
 
 
-@functools.lru_cache(maxsize=None)
-def published_mask_threshold(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The least logit ``t`` of ``dtype`` whose ``sigmoid(t) >= 0.5`` as torch computes it on ``device``.
-
-    Mathematically ``sigmoid(x) >= 0.5`` is ``x >= 0``, but the rounded sigmoid is exactly 0.5 for
-    small negative logits too (float32 on the CPU: down to about -1.8e-7), so the published mask
-    keeps those tokens. The rounded sigmoid is monotone, hence ``x >= t`` reproduces the published
-    mask exactly without a sigmoid pass. ``t`` is found by bisection over the bit patterns of the
-    negative values of ``dtype`` (which order like their magnitudes), once per dtype and device.
-
-    Returns:
-        A one-element tensor of ``dtype`` on ``device``.
-    """
-    as_int = _SAME_WIDTH_INT[dtype]
-
-    def negative(magnitude_bits: int) -> torch.Tensor:
-        return -torch.tensor([magnitude_bits], dtype=as_int, device=device).view(dtype)
-
-    def kept(magnitude_bits: int) -> bool:
-        return bool(negative(magnitude_bits).sigmoid() >= MASK_PROBABILITY_THRESHOLD)
-
-    # -0.0 is kept (sigmoid 0.5) and -1.0 is not (sigmoid 0.27).
-    kept_bits, dropped_bits = 0, int(torch.tensor([1.0], dtype=dtype).view(as_int))
-    while dropped_bits - kept_bits > 1:
-        middle = (kept_bits + dropped_bits) // 2
-        if kept(middle):
-            kept_bits = middle
-        else:
-            dropped_bits = middle
-    return negative(kept_bits)
+def mask_logit_threshold(dtype: torch.dtype) -> float:
+    """The least logit of ``dtype`` the published head's mask keeps (see ``MASK_LOGIT_THRESHOLD``)."""
+    return MASK_LOGIT_THRESHOLD[dtype]
 
 
 def _split_update_weight(weight: torch.Tensor, dtype: torch.dtype):
@@ -99,7 +84,7 @@ def _split_update_weight(weight: torch.Tensor, dtype: torch.dtype):
 def prototype_mask_logits_torch(embedding, tokens):
     """One batched matmul, then the exact threshold on the logits (no sigmoid pass)."""
     logits = torch.bmm(embedding, tokens.transpose(1, 2))
-    return logits, logits.detach() >= published_mask_threshold(logits.dtype, logits.device)
+    return logits, logits.detach() >= mask_logit_threshold(logits.dtype)
 
 
 def prototype_query_update_torch(query, prototype, weight):
@@ -112,7 +97,7 @@ def prototype_query_update_torch(query, prototype, weight):
 
 
 # ----------------------------------------------------------------------------------------------
-# triton backend: kernels in ipmt_fast.kernels.query_activation, one autograd.Function per op
+# triton backend: kernels in ipmt_fast.kernels.query_activation as custom ops (torch.library.triton_op)
 # ----------------------------------------------------------------------------------------------
 
 def _kernels():
@@ -121,52 +106,96 @@ def _kernels():
     return query_activation
 
 
-class _TritonMaskLogits(torch.autograd.Function):
-    """Logits and mask in one pass over the tokens; both gradients from one backward kernel."""
-
-    @staticmethod
-    def forward(ctx, embedding, tokens):
-        threshold = published_mask_threshold(embedding.dtype, embedding.device)
-        logits, next_mask = _kernels().thresholded_logits(embedding, tokens, threshold)
-        ctx.save_for_backward(embedding, tokens)
-        ctx.mark_non_differentiable(next_mask)
-        return logits, next_mask
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logits, _grad_next_mask):
-        embedding, tokens = ctx.saved_tensors
-        return _kernels().logits_backward(grad_logits, embedding, tokens)
+@triton_op(qualified_name("triton_mask_logits"), mutates_args=())
+def triton_mask_logits(embedding: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``E T^T`` and the published mask, written by one kernel."""
+    return _kernels().thresholded_logits(embedding, tokens, mask_logit_threshold(embedding.dtype))
 
 
-class _TritonQueryUpdate(torch.autograd.Function):
-    """``ReLU(Q Wq^T + bias_b)``: a matmul with a bias + ReLU epilogue; backward from the saved output."""
+@triton_op(qualified_name("triton_mask_logits_backward"), mutates_args=())
+def triton_mask_logits_backward(grad_logits: torch.Tensor, embedding: torch.Tensor,
+                                tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of embedding and tokens, from one kernel."""
+    return _kernels().logits_backward(grad_logits, embedding, tokens)
 
-    @staticmethod
-    def forward(ctx, query, query_weight, bias):
-        out = _kernels().bias_relu_matmul(query, query_weight, bias)
-        ctx.save_for_backward(query, query_weight, out)
-        ctx.bias_dtype = bias.dtype
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        query, query_weight, out = ctx.saved_tensors
-        grad_query, grad_pre, grad_bias = _kernels().relu_grad_matmul(grad_out, out, query_weight)
-        grad_query_weight = None
-        if ctx.needs_input_grad[1]:
-            # dWq = sum_b dZ_b^T Q_b is a GEMM with a small (C, C) result reduced over all B*N
-            # tokens: torch's matmul (cuBLAS splits that reduction itself) on the dZ the kernel
-            # wrote. Writing dZ once and reading it once moves as many bytes as a Triton kernel
-            # re-deriving dZ from dY and Y would read, without a second split-reduction kernel.
-            grad_query_weight = grad_pre.flatten(0, 1).t().mm(query.flatten(0, 1)).to(query_weight.dtype)
-        return grad_query, grad_query_weight, grad_bias.to(ctx.bias_dtype)
+@triton_mask_logits.register_fake
+def _mask_logits_fake(embedding, tokens):
+    shape = (embedding.shape[0], embedding.shape[1], tokens.shape[1])
+    return embedding.new_empty(shape), embedding.new_empty(shape, dtype=torch.bool)
+
+
+@triton_mask_logits_backward.register_fake
+def _mask_logits_backward_fake(grad_logits, embedding, tokens):
+    return torch.empty_like(embedding), torch.empty_like(tokens)
+
+
+def _mask_logits_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mask_logits_backward(ctx, grad_logits, _grad_next_mask):
+    embedding, tokens = ctx.saved_tensors
+    return triton_mask_logits_backward(grad_logits.contiguous(), embedding, tokens)
+
+
+triton_mask_logits.register_autograd(_mask_logits_backward, setup_context=_mask_logits_setup)
+
+
+@triton_op(qualified_name("triton_bias_relu_matmul"), mutates_args=())
+def triton_bias_relu_matmul(query: torch.Tensor, query_weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``ReLU(Q Wq^T + bias_b)``: a matmul with a per-batch bias + ReLU epilogue."""
+    return _kernels().bias_relu_matmul(query, query_weight, bias)
+
+
+@triton_op(qualified_name("triton_relu_grad_matmul"), mutates_args=())
+def triton_relu_grad_matmul(grad_out: torch.Tensor, out: torch.Tensor,
+                            query_weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dQ, dZ, dbias)`` of the update from its output, from one kernel."""
+    return _kernels().relu_grad_matmul(grad_out, out, query_weight)
+
+
+@triton_bias_relu_matmul.register_fake
+def _query_update_fake(query, query_weight, bias):
+    return query.new_empty(query.shape[0], query.shape[1], query_weight.shape[0])
+
+
+@triton_relu_grad_matmul.register_fake
+def _query_update_backward_fake(grad_out, out, query_weight):
+    b, n, _ = out.shape
+    acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return (out.new_empty(b, n, query_weight.shape[1]), torch.empty_like(grad_out),
+            out.new_empty(b, out.shape[2], dtype=acc_dtype))
+
+
+def _query_update_setup(ctx, inputs, output):
+    query, query_weight, bias = inputs
+    ctx.save_for_backward(query, query_weight, output)
+    ctx.bias_dtype = bias.dtype
+
+
+def _query_update_backward(ctx, grad_out):
+    query, query_weight, out = ctx.saved_tensors
+    grad_query, grad_pre, grad_bias = triton_relu_grad_matmul(grad_out.contiguous(), out, query_weight)
+    grad_query_weight = None
+    if ctx.needs_input_grad[1]:
+        # dWq = sum_b dZ_b^T Q_b is a GEMM with a small (C, C) result reduced over all B*N
+        # tokens: torch's matmul (cuBLAS splits that reduction itself) on the dZ the kernel
+        # wrote. Writing dZ once and reading it once moves as many bytes as a Triton kernel
+        # re-deriving dZ from dY and Y would read, without a second split-reduction kernel.
+        grad_query_weight = grad_pre.flatten(0, 1).t().mm(query.flatten(0, 1)).to(query_weight.dtype)
+    return grad_query, grad_query_weight, grad_bias.to(ctx.bias_dtype)
+
+
+triton_bias_relu_matmul.register_autograd(_query_update_backward, setup_context=_query_update_setup)
+for _name in ("triton_mask_logits", "triton_mask_logits_backward", "triton_bias_relu_matmul",
+              "triton_relu_grad_matmul"):
+    register_autocast(qualified_name(_name), "lower_precision")
 
 
 def prototype_mask_logits_triton(embedding, tokens):
     """Triton kernels: logits and mask written by one kernel, both gradients by one more."""
-    return _TritonMaskLogits.apply(embedding, tokens)
+    return triton_mask_logits(embedding, tokens)
 
 
 def prototype_query_update_triton(query, prototype, weight):
@@ -176,7 +205,7 @@ def prototype_query_update_triton(query, prototype, weight):
     # unrounded; autograd turns its gradient (the column sums of dZ) into dP and dWp.
     acc_dtype = _kernels().accumulator_dtype(query.dtype)
     bias = F.linear(prototype[:, 0].to(acc_dtype), prototype_weight.to(acc_dtype))
-    return _TritonQueryUpdate.apply(query, query_weight, bias)
+    return triton_bias_relu_matmul(query, query_weight, bias)
 
 
 registry.register(MASK_LOGITS_OP, "reference", prototype_mask_logits_reference)
@@ -189,7 +218,7 @@ registry.register(QUERY_UPDATE_OP, "triton", prototype_query_update_triton, devi
                   availability=registry.triton_availability)
 
 
-@follows_autocast
+@follows_autocast("lower_precision")
 def prototype_mask_logits(embedding: torch.Tensor, tokens: torch.Tensor, backend: str = "auto"):
     """Prediction head over tokens.
 
@@ -201,7 +230,7 @@ def prototype_mask_logits(embedding: torch.Tensor, tokens: torch.Tensor, backend
     Returns:
         ``(logits, next_mask)``: ``(B, M, N)`` logits and the detached ``(B, M, N)`` bool mask
         ``sigmoid(logits) >= 0.5``, exactly as the published head rounds it (see
-        :func:`published_mask_threshold`).
+        :data:`MASK_LOGIT_THRESHOLD`).
 
     Memory-traffic floor (``s`` bytes per element): forward reads ``E`` and ``T`` and writes the
     logits and the mask, ``s*B*(M*C + N*C + M*N) + B*M*N`` bytes; backward reads ``dlogits``,
@@ -217,7 +246,7 @@ def prototype_mask_logits(embedding: torch.Tensor, tokens: torch.Tensor, backend
     return fn(embedding, tokens)
 
 
-@follows_autocast
+@follows_autocast("lower_precision")
 def prototype_query_update(query: torch.Tensor, prototype: torch.Tensor, weight: torch.Tensor,
                            backend: str = "auto") -> torch.Tensor:
     """``ReLU(Conv1x1(cat(query, prototype broadcast)))`` on tokens.
