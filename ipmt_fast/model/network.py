@@ -30,6 +30,11 @@ def _classifier(dim):
     return nn.Sequential(*_conv_relu(dim, dim, 3), nn.Dropout2d(HEAD_DROPOUT), nn.Conv2d(dim, NUM_CLASSES, 1))
 
 
+def _tracing_or_capturing(t: torch.Tensor) -> bool:
+    """Whether device values cannot be read now: torch.compile is tracing, or a CUDA graph capturing."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def weighted_gap(feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked average ``sum(f m) / (sum(m) + 0.0005)`` over the map, computed as published
     (average pools rescaled by the area) -> ``(N, C, 1, 1)``."""
@@ -54,6 +59,11 @@ class IPMT(nn.Module):
         recompute_ffn: in training, keep only the transformer FFNs' dropout masks (bools) for
             backward and recompute their hidden activations there: less memory for one more
             matmul per FFN; same values. Switch later with :meth:`set_recompute_ffn`.
+        check_values: check in every forward that the labels hold only 0, 1 and 255 and the
+            images are finite. That reads device values on the host (one sync per forward), so it
+            is skipped while ``torch.compile`` traces or a CUDA graph captures; the trainer,
+            evaluator and ``predict`` check their data on the host instead and turn it off
+            (attribute ``check_values``). Shapes and dtypes are always checked.
 
     ``forward(x, s_x, s_y, y=None)`` takes ImageNet-normalised images ``x (B, 3, H, W)`` and
     ``s_x (B, S, 3, H, W)`` with ``(H - 1) % 8 == 0``, support labels ``s_y (B, S, H, W)`` and
@@ -63,11 +73,13 @@ class IPMT(nn.Module):
     """
 
     def __init__(self, layers: int = 50, shot: int = 1, reduce_dim: int = 384, num_layers: int = 5,
-                 backend: str = "auto", backbone_weights=None, recompute_ffn: bool = False):
+                 backend: str = "auto", backbone_weights=None, recompute_ffn: bool = False,
+                 check_values: bool = True):
         super().__init__()
         if shot < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
         self.shot, self.reduce_dim = shot, reduce_dim
+        self.check_values = check_values
         c = reduce_dim
         self.adjust_feature_supp = nn.Sequential(*_conv_relu(MID_LEVEL_CHANNELS, c), nn.Dropout2d(FEATURE_DROPOUT))
         self.adjust_feature_qry = nn.Sequential(*_conv_relu(MID_LEVEL_CHANNELS, c), nn.Dropout2d(FEATURE_DROPOUT))
@@ -119,6 +131,11 @@ class IPMT(nn.Module):
             fail("s_y", s_y, f"(B, S, H, W) = ({b}, {self.shot}, {h}, {w})")
         if y is not None and y.shape != (b, h, w):
             fail("y", y, f"(B, H, W) = ({b}, {h}, {w})")
+        if self.check_values and not _tracing_or_capturing(x):
+            self._check_values(x, s_x, s_y, y)
+
+    @staticmethod
+    def _check_values(x, s_x, s_y, y):
         # One host sync for all value checks.
         labels = [s_y] + ([y] if y is not None else [])
         label_ok = torch.stack([sum((t == v) for v in VALID_LABELS).bool().all() for t in labels]).all()

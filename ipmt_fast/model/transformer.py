@@ -138,7 +138,9 @@ class DeformableSelfAttention(OpModule):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def forward(self, query, reference_points, values, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, query, reference_points, values, spatial_shapes, offset_normalizer, padding_mask):
+        """``spatial_shapes``: ``[(H, W)]`` per level (ints); ``offset_normalizer``: ``(levels, 2)``
+        ``(W, H)`` per level as a tensor (see :func:`offset_normalizer`)."""
         b, nq, _ = query.shape
         value = self.value_proj(values).masked_fill(padding_mask[..., None], 0.0)
         value = value.view(b, values.shape[1], self.n_heads, -1)
@@ -148,9 +150,9 @@ class DeformableSelfAttention(OpModule):
         offsets = self.sampling_offsets(query).to(dtype).view(b, nq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).to(dtype).view(b, nq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(b, nq, self.n_heads, self.n_levels, self.n_points)
-        normalizer = spatial_shapes.flip(-1).to(dtype)  # (W, H) per level
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_sample(value.to(dtype), spatial_shapes, level_start_index, locations, weights,
+        locations = (reference_points[:, :, None, :, None, :]
+                     + offsets / offset_normalizer[None, None, None, :, None, :])
+        out = ms_deform_sample(value.to(dtype), spatial_shapes, locations, weights,
                                backend=self.op_backend(deform_sample.OP_NAME))
         return self.output_proj(out)
 
@@ -171,6 +173,12 @@ def sine_positional_encoding(padding: torch.Tensor, num_feats: int, dtype: torch
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
+def offset_normalizer(spatial_shapes, dtype, device) -> torch.Tensor:
+    """``(levels, 2)`` tensor of ``(W, H)`` per level, filled on the device (no host-to-device copy)."""
+    return torch.stack([torch.stack((torch.full((), w, dtype=dtype, device=device),
+                                     torch.full((), h, dtype=dtype, device=device))) for h, w in spatial_shapes])
+
+
 def pixel_centre_points(h: int, w: int, dtype, device) -> torch.Tensor:
     """Pixel centres normalised to [0, 1], ``(1, h*w, 1, 2)`` as ``(x, y)``."""
     ys = torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device) / h
@@ -180,17 +188,20 @@ def pixel_centre_points(h: int, w: int, dtype, device) -> torch.Tensor:
 
 
 def repair_support_mask(fg: torch.Tensor) -> torch.Tensor:
-    """Per ``(h, w)`` map: no foreground -> centre 2x2 set; all foreground -> corners cleared."""
-    fg = fg.clone()
+    """Per ``(h, w)`` map: no foreground -> centre 2x2 set; all foreground -> corners cleared.
+
+    Written with whole-map masks rather than slice assignments: one expression Inductor compiles
+    (its CPU code generator failed on the masked slice updates)."""
     h, w = fg.shape[-2:]
-    empty = ~fg.flatten(-2).any(-1)
-    rows, cols = slice(h // 2 - REPAIR_HALF, h // 2 + REPAIR_HALF), slice(w // 2 - REPAIR_HALF, w // 2 + REPAIR_HALF)
-    centre = fg[..., rows, cols]
-    fg[..., rows, cols] = centre | empty[..., None, None]
-    full = fg.flatten(-2).all(-1)
-    for r, c in ((0, 0), (-1, -1), (0, -1), (-1, 0)):
-        fg[..., r, c] = fg[..., r, c] & ~full
-    return fg
+    rows = torch.arange(h, device=fg.device)
+    cols = torch.arange(w, device=fg.device)
+    centre = (((rows >= h // 2 - REPAIR_HALF) & (rows < h // 2 + REPAIR_HALF))[:, None]
+              & ((cols >= w // 2 - REPAIR_HALF) & (cols < w // 2 + REPAIR_HALF))[None, :])
+    corners = ((rows == 0) | (rows == h - 1))[:, None] & ((cols == 0) | (cols == w - 1))[None, :]
+    empty = ~fg.any(-1, keepdim=True).any(-2, keepdim=True)
+    fg = fg | (centre & empty)
+    full = fg.all(-1, keepdim=True).all(-2, keepdim=True)
+    return fg & ~(corners & full)
 
 
 def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -320,8 +331,8 @@ class IPMTransformer(OpModule):
         support_fg = repair_support_mask(support_labels == FOREGROUND_LABEL).flatten(1)  # shots along tokens
         support = s_x.view(b, shot, c, h * w).transpose(2, 3).reshape(b, shot * h * w, c)
         query = map_to_tokens(x)
-        spatial_shapes = torch.tensor([[h, w]], dtype=torch.long, device=x.device)
-        level_start_index = spatial_shapes.new_zeros(1)
+        spatial_shapes = [(h, w)]
+        normalizer = offset_normalizer(spatial_shapes, coord_dtype, x.device)
         reference_points = pixel_centre_points(h, w, coord_dtype, x.device)
 
         query_logits, support_logits, mined = [], [], []
@@ -334,8 +345,8 @@ class IPMTransformer(OpModule):
 
         attn_mask = init_mask.flatten(1) == FOREGROUND_LABEL
         for l in range(L):
-            attended = self.qry_self_layers[l](query + pos, reference_points, query, spatial_shapes,
-                                               level_start_index, padding)
+            attended = self.qry_self_layers[l](query + pos, reference_points, query, spatial_shapes, normalizer,
+                                               padding)
             query = self.layer_norms[2 * L + 2 * l](query + self.proj_drop(attended))
             query = self.layer_norms[2 * L + 2 * l + 1](self.ffns[L + l](query))
             prototype = mined[l] + self.decoder_cross_attention_layers[l](mined[l], query, attn_mask)
