@@ -139,10 +139,11 @@ def _overrides(args: argparse.Namespace, skip=("command", "config", "checkpoint"
 
 def _checkpoint_settings(path: str):
     """(state, config values, arch) of a checkpoint: ours carry their config, published ones none."""
-    from .train.trainer import CHECKPOINT_FORMAT, load_checkpoint_file
+    from .train.trainer import CHECKPOINT_FORMAT, EVAL_KEYS, load_checkpoint_file, require_entries
 
     state = load_checkpoint_file(path)
     if state.get("format") == CHECKPOINT_FORMAT:
+        require_entries(state, path, EVAL_KEYS)
         return state, dict(state["config"]), dict(state["arch"])
     return state, {}, {}
 

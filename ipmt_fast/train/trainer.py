@@ -35,7 +35,7 @@ import torch
 from ..data.episodes import EpisodeBatchSampler, EpisodeDataset, collate_episodes, fold_classes
 from ..data.synthetic import SyntheticEpisodes
 from ..data.transforms import TrainTransform, ValTransform
-from ..model import IPMT, load_published_checkpoint
+from ..model import IPMT, CheckpointError, load_published_checkpoint, read_checkpoint
 from .config import TrainConfig, default_list
 from .distributed import DistContext, all_gather_objects, all_reduce_mean, barrier, init_distributed
 from .evaluate import autocast, episode_inputs, evaluate
@@ -48,6 +48,10 @@ RANK_SEED_STRIDE = 1_000_003
 # Published warm-up: lr ramps linearly from this fraction of the base lr over the first epoch.
 WARMUP_START_RATIO = 0.001
 TRANSFORMER_PREFIX = "transformer."
+# Entries of our training checkpoints that resuming reads, and that evaluating one reads.
+RESUME_KEYS = ("arch", "state_dict", "optimizer", "transformer_optimizer", "scaler", "iteration",
+               "total_iterations", "sampler", "rng", "best_miou", "history", "skipped_files")
+EVAL_KEYS = ("arch", "config", "state_dict")
 TRAIN_LOG_FIELDS = ("iteration", "epoch", "lr", "transformer_lr", "loss", "main_loss", "aux_loss", "seconds")
 VAL_LOG_FIELDS = ("iteration", "epoch", "miou", "fb_iou", "episodes")
 
@@ -182,9 +186,15 @@ def write_json_atomic(obj, path: str) -> None:
 
 
 def load_checkpoint_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file's contents; :class:`~ipmt_fast.model.CheckpointError` if it cannot be read."""
+    return dict(read_checkpoint(path))
+
+
+def require_entries(state: dict, path: str, keys) -> None:
+    """Refuse one of our checkpoints that lacks any of ``keys`` (:class:`~ipmt_fast.model.CheckpointError`)."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(path, f"incomplete ipmt-fast checkpoint, missing {', '.join(missing)}")
 
 
 # --------------------------------------------------------------------------- trainer
@@ -471,6 +481,7 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an ipmt-fast training checkpoint (to start from published weights "
                              f"use --weight instead of --resume)")
+        require_entries(state, path, RESUME_KEYS)
         if state["arch"] != model_arch(self.cfg):
             raise ValueError(f"{path} was trained with {state['arch']}, this run is configured for "
                              f"{model_arch(self.cfg)}")
