@@ -9,25 +9,15 @@ the published ``ori_resize`` protocol pads the label with 255 to that square.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..data.episodes import collate_episodes, evaluation_batches
+from .amp import autocast
 from .distributed import DistContext
 from .metrics import EvalResult, FewShotMeter
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str = "none"):
-    """An autocast context for ``amp`` in ``none``, ``bf16``, ``fp16``."""
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
-    dtype = AMP_DTYPES[amp]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def prediction_at_original_size(logits: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:

@@ -36,9 +36,10 @@ from ..data.episodes import EpisodeBatchSampler, EpisodeDataset, collate_episode
 from ..data.synthetic import SyntheticEpisodes
 from ..data.transforms import TrainTransform, ValTransform
 from ..model import IPMT, CheckpointError, load_published_checkpoint, read_checkpoint
+from .amp import autocast
 from .config import TrainConfig, default_list
 from .distributed import DistContext, all_gather_objects, all_reduce_mean, barrier, init_distributed
-from .evaluate import autocast, episode_inputs, evaluate
+from .evaluate import episode_inputs, evaluate
 from .metrics import EvalResult
 
 CHECKPOINT_FORMAT = "ipmt-fast-checkpoint"
