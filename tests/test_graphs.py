@@ -11,8 +11,8 @@ import ipmt_fast
 from compare import assert_close, relative_error
 from ipmt_fast.cli import _config_for_checkpoint, _overrides, build_parser, main
 from ipmt_fast.train.config import load_yaml_config, make_config
-from ipmt_fast.train.graphs import (CudaGraphError, GraphedForward, GraphedStep, check_training_support,
-                                    configure_optimizers_for_graphs)
+from ipmt_fast.train.graphs import (CudaGraphError, GraphedForward, GraphedStep, _WarmupSnapshot,
+                                    check_training_support, configure_optimizers_for_graphs)
 from ipmt_fast.train.trainer import Trainer
 
 SMALL = dict(layers=50, shot=1, reduce_dim=32, num_layers=1)
@@ -110,6 +110,36 @@ def test_unsupported_optimisers_are_refused():
         configure_optimizers_for_graphs([torch.optim.RMSprop(params)], True)
     with pytest.raises(CudaGraphError, match="dampening"):
         configure_optimizers_for_graphs([torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)], True)
+
+
+def test_undone_warmup_leaves_the_steps_of_a_fresh_start():
+    """GraphedStep's warm-up steps are undone before capture: the weights restored and the state the
+    warm-up created zeroed. From there SGD (fused, momentum) and AdamW take exactly the steps they
+    would have taken with no warm-up at all."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 4), torch.randn(7)]
+    warmup_grads, grads = ([[torch.randn_like(t) for t in start] for _ in range(3)] for _ in range(2))
+
+    def take_steps(optimizers, params, grad_sets):
+        for step_grads in grad_sets:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            for opt in optimizers:
+                opt.step()
+
+    def trained(warmup: bool):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizers = [torch.optim.SGD(params[:1], lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True),
+                      torch.optim.AdamW(params[1:], lr=1e-2, weight_decay=1e-2)]
+        if warmup:
+            snapshot = _WarmupSnapshot(optimizers)
+            take_steps(optimizers, params, warmup_grads)
+            snapshot.restore()
+        take_steps(optimizers, params, grads)
+        return [p.detach() for p in params]
+
+    for warmed, fresh in zip(trained(warmup=True), trained(warmup=False)):
+        assert_close(warmed, fresh)
 
 
 def test_cuda_graphs_config_key_and_flag(tmp_path):

@@ -248,6 +248,7 @@ class GraphedStep:
         if warmup < 1:  # the optimisers' lazily created state must exist before capture
             raise ValueError(f"warmup must be >= 1 iteration, got {warmup}")
         self.model, self.optimizers = model, list(optimizers)
+        configure_optimizers_for_graphs(self.optimizers, True)  # refuses unsupported ones now, not at capture
         self.amp, self.clip_grad_norm, self.aux_weight = amp, clip_grad_norm, aux_weight
         self.recapture_on_shape_change, self.warmup = recapture_on_shape_change, warmup
         self._groups = [group for opt in self.optimizers for group in opt.param_groups]
@@ -330,7 +331,7 @@ class GraphedStep:
         if not self.model.training:
             raise CudaGraphError("GraphedStep captures a training step: call model.train() first")
         self.invalidate()  # the old graph's memory goes before the new one is captured
-        configure_optimizers_for_graphs(self.optimizers, True)
+        configure_optimizers_for_graphs(self.optimizers, True)  # again: load_state_dict may have replaced state
         self._inputs = _static_inputs(sources, self.model, self.device)
         snapshot = _WarmupSnapshot(self.optimizers)
 
@@ -367,6 +368,8 @@ class GraphedForward:
                  warmup: int = WARMUP_ITERATIONS):
         self.device = next(model.parameters()).device
         require_cuda(self.device)
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.model, self.amp, self.max_shapes, self.warmup = model, amp, max_shapes, warmup
         self._graphs: "OrderedDict[Tuple, Tuple[List[Optional[torch.Tensor]], CapturedGraph]]" = OrderedDict()
 

@@ -305,6 +305,7 @@ class Trainer:
         return losses
 
     def _eager_step(self, batch: dict) -> Dict[str, torch.Tensor]:
+        """Forward, backward (through the fp16 scaler when on), clipping, both optimisers' steps."""
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
         x, s_x, s_y, y = episode_inputs(batch, self.device, dtype)
         with autocast(self.device, self.cfg.amp):
