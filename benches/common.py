@@ -434,6 +434,40 @@ def measure_memory(fn: Callable[[], object], device: torch.device, excluded: Ite
 
 
 # ----------------------------------------------------------------------------------------------
+# Host work: ops dispatched, kernels launched
+# ----------------------------------------------------------------------------------------------
+# Device activity the profiler reports that is not a kernel launch.
+NON_KERNEL_PREFIXES = ("Memcpy", "Memset")
+
+
+def count_dispatches(fn: Callable[[], object]) -> dict:
+    """Run ``fn`` once under :class:`ipmt_fast.instrument.DispatchCounter`: ``ops`` (every op it
+    dispatched, forward and backward) and ``host_syncs`` (how many of them read device values on
+    the host or moved data between host and device)."""
+    from ipmt_fast.instrument import DispatchCounter
+
+    with DispatchCounter() as counter:
+        fn()
+    return {"ops": counter.total, "host_syncs": len(counter.host_syncs)}
+
+
+def count_cuda_kernels(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """CUDA kernels ``fn`` launches in one call, as ``torch.profiler`` reports them (memory copies
+    and sets left out; kernels replayed from a CUDA graph included); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    return sum(1 for e in prof.events()
+               if e.device_type == DeviceType.CUDA and not e.name.startswith(NON_KERNEL_PREFIXES))
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict:
@@ -511,6 +545,14 @@ def fmt_iqr(row: dict) -> str:
 
 def fmt_mib(nbytes: Optional[float]) -> str:
     return "-" if nbytes is None else f"{nbytes / MIB:.1f}"
+
+
+def fmt_count(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def fmt_fraction(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def fmt_ratio(x: Optional[float]) -> str:

@@ -3,30 +3,39 @@ network's training step (forward + backward + optimizer step), every backend sid
 
     python -m benches.layers                                     # defaults sized for the device found
     python -m benches.layers --bench transformer --layers 1,3,5,8 --batch 4 --dtypes bf16,fp32
-    python -m benches.layers --bench transformer --layers 5 --compile-layers 5   # + torch.compile(reference)
+    python -m benches.layers --bench transformer --layers 5 --compile-layers 5   # + torch.compile variants
+    python -m benches.layers --bench step --backends reference,auto,reference+graphs,auto+graphs   # CUDA
 
 For each layer count L one model is built (seeded, so every L starts from the same kind of
-weights) and every backend runs on that same model (``backend`` is switched between calls),
-interleaved round by round after warm-up. Backends: those of ``ipmt_fast.ops.registry.BACKENDS``
-that are registered for at least one op and can run on the device (the others are skipped with
-the reason); ``--compile-layers`` adds ``compile(reference)``, ``torch.compile`` of a copy of the
-transformer on the reference backend, at those layer counts (transformer bench only).
+weights) and every variant runs on that same model (``backend`` is switched between calls),
+interleaved round by round after warm-up. A variant is ``<backend>[+recompute][+graphs]``:
+backends are those of ``ipmt_fast.ops.registry.BACKENDS`` that are registered for at least one op
+and can run on the device (the others are skipped with the reason), and ``auto``; ``+recompute``
+turns on ``recompute_ffn``; ``+graphs`` (CUDA only) captures the whole timed call in a CUDA graph
+and replays it (transformer: forward + backward; step: ``ipmt_fast.train.GraphedStep``).
+``--compile-layers`` adds ``torch.compile`` variants at those layer counts (transformer bench only):
+``compile(<backend>[,<mode>])`` compiles a copy of the transformer configured as ``<backend>``.
 
 dtype ``fp32`` runs plain float32; ``bf16`` runs the forward under ``torch.autocast`` with bfloat16
 (the backward outside it, as recommended). Inputs are random features / images with
 rectangular foreground masks and a band of 255 padding at the bottom of the query label.
 
 Memory per configuration (one extra call after timing): on CUDA the peak allocated bytes above
-what was allocated before the call; everywhere the bytes autograd saved for backward (unique
-storages, parameters and buffers excluded); on the CPU the process's peak resident set. The
-summary fits memory and time per layer (least-squares slope over L).
+what was allocated before the call (``+graphs``: the bytes the graph's private pool reserved,
+which a graphed step holds between replays); everywhere the bytes autograd saved for backward
+(unique storages, parameters and buffers excluded); on the CPU the process's peak resident set.
+Host work per configuration (one more untimed call, after the memory one): the ops dispatched
+(``ipmt_fast.instrument.DispatchCounter``; not for compiled variants, whose generated code calls
+kernels directly) and the host syncs among them, and on CUDA the kernels launched (``torch.profiler``).
+The summary fits time, memory, ops and kernels per layer (least-squares slope over L).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-from typing import Callable, Dict, List, Optional
+import re
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,11 +43,16 @@ import ipmt_fast
 from ipmt_fast.constants import FOREGROUND_LABEL, IGNORE_LABEL, OUTPUT_STRIDE
 from ipmt_fast.ops import registry
 from ipmt_fast.model.transformer import IPMTransformer
+from ipmt_fast.train import graphs
 
 from . import common
 
 BENCHES = ("transformer", "step")
+# torch.compile variants: compile(<backend>[,<mode>]), a compiled copy configured as <backend>.
 COMPILE_VARIANT = "compile(reference)"
+MAX_AUTOTUNE_VARIANT = "compile(reference,max-autotune)"
+COMPILE_VARIANTS = (COMPILE_VARIANT, MAX_AUTOTUNE_VARIANT, "compile(auto)")
+COMPILE_PATTERN = re.compile(r"^compile\((?P<backend>[\w+]+)(?:,(?P<mode>[\w-]+))?\)$")
 # Fraction of the query label's rows at the bottom set to 255 (padding), as after a resize + pad.
 PADDED_ROW_FRACTION = 0.125
 SEED = 0
@@ -58,28 +72,57 @@ DEFAULTS = {
 }
 
 
-# A variant is a model-wide backend name, optionally with this suffix: the transformer's FFNs then
-# recompute their hidden activations in backward instead of keeping them (``recompute_ffn``).
+# A variant is a model-wide backend name, optionally with these suffixes: +recompute, the
+# transformer's FFNs recompute their hidden activations in backward instead of keeping them
+# (``recompute_ffn``); +graphs, the timed call is captured in a CUDA graph and replayed.
 RECOMPUTE_SUFFIX = "+recompute"
+GRAPHS_SUFFIX = "+graphs"
+# Variants run by default, after every runnable backend: what users get, and its graphed forms.
+DEFAULT_EXTRA_VARIANTS = ("auto", "auto" + RECOMPUTE_SUFFIX)
+DEFAULT_GRAPH_VARIANTS = ("reference" + GRAPHS_SUFFIX, "auto" + GRAPHS_SUFFIX)
+
+
+def split_variant(variant: str) -> Tuple[str, bool, bool]:
+    """``(backend, recompute_ffn, graphs)`` of a variant ``<backend>[+recompute][+graphs]``."""
+    graphed = variant.endswith(GRAPHS_SUFFIX)
+    rest = variant.removesuffix(GRAPHS_SUFFIX)
+    backend = rest.removesuffix(RECOMPUTE_SUFFIX)
+    return backend, backend != rest, graphed
+
+
+def parse_compile_variant(variant: str) -> Optional[Tuple[str, Optional[str]]]:
+    """``(backend, mode)`` of ``compile(<backend>[,<mode>])``; None for other variants."""
+    match = COMPILE_PATTERN.match(variant)
+    return (match["backend"], match["mode"]) if match else None
+
+
+def parse_compile_list(text: str) -> List[str]:
+    """Comma-separated ``compile(...)`` variants (commas inside the parentheses kept)."""
+    return [v.strip() for v in re.findall(r"[^,(]+(?:\([^)]*\))?", text) if v.strip()]
 
 
 def configure(model: torch.nn.Module, variant: str) -> None:
     """Set ``model`` (an ``IPMT`` or ``IPMTransformer``) up as ``variant``."""
-    backend = variant.removesuffix(RECOMPUTE_SUFFIX)
+    backend, recompute, _ = split_variant(variant)
     model.set_backend(backend)
-    model.set_recompute_ffn(backend != variant)
+    model.set_recompute_ffn(recompute)
 
 
 def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None, log=print) -> List[str]:
     """Variants worth running on ``device``: ``reference``, then every other backend name that
     some op registers and that can run there for each op having it, then ``auto`` (what a user
-    gets by default; its per-op choice is logged) and ``auto+recompute`` (see ``RECOMPUTE_SUFFIX``).
-    A name some op lacks stays in: if the model cannot route it, its warm-up fails and the reason
-    is reported."""
+    gets by default; its per-op choice is logged) and ``auto+recompute`` (see ``RECOMPUTE_SUFFIX``),
+    and on CUDA ``reference+graphs`` and ``auto+graphs``. A name some op lacks stays in: if the
+    model cannot route it, its warm-up fails and the reason is reported. ``+graphs`` variants are
+    skipped off CUDA, with the reason logged."""
     ops = list(registry.registered_ops())
+    defaults = (*registry.BACKENDS, *DEFAULT_EXTRA_VARIANTS) + (DEFAULT_GRAPH_VARIANTS if device.type == "cuda" else ())
     chosen = []
-    for variant in wanted or (*registry.BACKENDS, "auto", "auto" + RECOMPUTE_SUFFIX):
-        backend = variant.removesuffix(RECOMPUTE_SUFFIX)
+    for variant in wanted or defaults:
+        backend, _, graphed = split_variant(variant)
+        if graphed and device.type != "cuda":
+            log(f"# skipping {variant!r}: CUDA graphs need a CUDA device, this run is on {device.type}")
+            continue
         if backend == "auto":
             picks = ", ".join(f"{op}: {registry.selected_backend(op, 'auto', device)}" for op in ops)
             log(f"# auto on {device.type} -> {picks}")
@@ -102,10 +145,33 @@ def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None,
     return chosen
 
 
-def autocast_for(dtype_name: str, device: torch.device):
+def autocast_for(dtype_name: str, device: torch.device, cache_enabled: bool = True):
+    """A factory of autocast contexts for ``dtype_name`` (``cache_enabled=False`` for graph capture)."""
     if dtype_name == "fp32":
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=common.DTYPES[dtype_name])
+    return lambda: torch.autocast(device.type, dtype=common.DTYPES[dtype_name], cache_enabled=cache_enabled)
+
+
+def amp_name(dtype_name: str) -> str:
+    """The ``ipmt_fast.train`` autocast name of a bench dtype (``fp32`` -> ``none``)."""
+    return "none" if dtype_name == "fp32" else dtype_name
+
+
+class CapturedRun:
+    """A bench call captured in a CUDA graph at its first call (after ``graphs.capture``'s eager
+    warm-up) and replayed at every call."""
+
+    def __init__(self, run: Callable[[], None]):
+        self.run, self.captured = run, None
+
+    def __call__(self) -> None:
+        if self.captured is None:
+            self.captured = graphs.capture(self.run)
+        self.captured.replay()
+
+    @property
+    def pool_bytes(self) -> Optional[int]:
+        return None if self.captured is None else self.captured.pool_bytes
 
 
 def _random_span(size: int, generator: torch.Generator) -> slice:
@@ -158,9 +224,10 @@ class TransformerBench:
                                                          self.init_mask)
         return [feats[0], *query_logits, *support_logits]
 
-    def runner(self, backend: str, dtype_name: str, module: Optional[torch.nn.Module] = None) -> Callable[[], None]:
+    def runner(self, backend: str, dtype_name: str, module: Optional[torch.nn.Module] = None,
+               cache_enabled: bool = True) -> Callable[[], None]:
         module = self.model if module is None else module
-        autocast = autocast_for(dtype_name, self.device)
+        autocast = autocast_for(dtype_name, self.device, cache_enabled)
 
         def run():
             if module is self.model:
@@ -174,10 +241,15 @@ class TransformerBench:
             torch.autograd.backward(outs, grads)
         return run
 
-    def compiled_reference(self) -> torch.nn.Module:
+    def graphed_runner(self, variant: str, dtype_name: str) -> CapturedRun:
+        """Forward + backward captured in a CUDA graph (same inputs and output gradients)."""
+        return CapturedRun(self.runner(variant, dtype_name, cache_enabled=False))
+
+    def compiled(self, backend: str, mode: Optional[str]) -> torch.nn.Module:
+        """``torch.compile`` of a copy of the transformer configured as ``backend``."""
         clone = copy.deepcopy(self.model)
-        configure(clone, "reference")
-        return torch.compile(clone)
+        configure(clone, backend)
+        return torch.compile(clone, mode=mode, fullgraph=False)
 
 
 class StepBench:
@@ -196,9 +268,13 @@ class StepBench:
         self.supp_labels = _rectangle_labels((batch, shot, image_size, image_size), g, device)
         self.labels = _query_labels(batch, image_size, image_size, g, device)
         self.tokens = ((image_size - 1) // OUTPUT_STRIDE + 1) ** 2
+        self.optimizers = self.make_optimizers()
+
+    def make_optimizers(self) -> List[torch.optim.Optimizer]:
+        """The published pair (SGD outside the transformer, AdamW inside) at ``BENCH_LR``."""
         transformer = {id(p) for p in self.model.transformer.parameters()}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizers = [
+        return [
             torch.optim.SGD([p for p in trainable if id(p) not in transformer], lr=BENCH_LR, momentum=SGD_MOMENTUM,
                             weight_decay=SGD_WEIGHT_DECAY),
             torch.optim.AdamW([p for p in trainable if id(p) in transformer], lr=BENCH_LR,
@@ -224,12 +300,54 @@ class StepBench:
                 opt.step()
         return run
 
+    def graphed_runner(self, variant: str, dtype_name: str) -> "GraphedStepRun":
+        """The step through ``ipmt_fast.train.GraphedStep``, with optimisers of its own (it
+        switches them to their graph-safe forms)."""
+        return GraphedStepRun(self, variant, dtype_name)
 
-def bench_layer_count(bench, backends: List[str], dtype_name: str, with_compile: bool, args,
+
+class GraphedStepRun:
+    """One :class:`ipmt_fast.train.GraphedStep` step on the bench's batch per call (the batch
+    copied into the graph's input buffers, as a training loop copies each loader batch)."""
+
+    def __init__(self, bench: StepBench, variant: str, dtype_name: str):
+        self.bench, self.variant = bench, variant
+        self.step = graphs.GraphedStep(bench.model, bench.make_optimizers(), amp=amp_name(dtype_name), aux_weight=1.0)
+        self.batch = {"image": bench.images, "support_images": bench.supp_images,
+                      "support_labels": bench.supp_labels, "label": bench.labels}
+
+    def __call__(self) -> None:
+        if self.step.pool_bytes is None:  # the backend matters only while capturing
+            configure(self.bench.model, self.variant)
+        self.step.step(self.batch)
+
+    @property
+    def pool_bytes(self) -> Optional[int]:
+        return self.step.pool_bytes
+
+
+def build_variants(bench, backends: List[str], compile_variants: List[str], dtype_name: str) -> Dict[str, Callable]:
+    """The timed call of every variant (``compile(...)`` ones compile lazily, at their first call)."""
+    variants = {}
+    for variant in backends:
+        graphed = split_variant(variant)[2]
+        variants[variant] = bench.graphed_runner(variant, dtype_name) if graphed else bench.runner(variant, dtype_name)
+    for variant in compile_variants:
+        backend, mode = parse_compile_variant(variant)
+        variants[variant] = bench.runner(backend, dtype_name, module=bench.compiled(backend, mode))
+    return variants
+
+
+def host_work(name: str, run: Callable[[], None], device: torch.device) -> dict:
+    """Ops dispatched (and host syncs among them) and CUDA kernels launched by one untimed call."""
+    work = {} if parse_compile_variant(name) else common.count_dispatches(run)
+    work["cuda_kernels"] = common.count_cuda_kernels(run, device)
+    return work
+
+
+def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_variants: List[str], args,
                       device: torch.device, log=print) -> List[dict]:
-    variants = {b: bench.runner(b, dtype_name) for b in backends}
-    if with_compile:
-        variants[COMPILE_VARIANT] = bench.runner("reference", dtype_name, module=bench.compiled_reference())
+    variants = build_variants(bench, backends, compile_variants, dtype_name)
     failures: Dict[str, str] = {}
     stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats, min_sample_s=0,
                                        failures=failures, log=log, quiet_wait_s=args.quiet_wait)
@@ -240,12 +358,21 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, with_compile:
     for name, st in stats.items():
         row = dict(base, variant=name, **common.stats_fields(st))
         row["speedup_vs_reference"] = ref.median / st.median if ref else None
-        if not args.no_memory:
+        pool_bytes = getattr(variants[name], "pool_bytes", None)
+        if pool_bytes is not None:
+            # A replay allocates nothing and saves nothing for backward: its memory is the pool.
+            row.update(peak_bytes=pool_bytes, peak_is_graph_pool=True)
+        elif not args.no_memory:
             try:
                 row.update(common.measure_memory(variants[name], device, excluded=bench.parameters_and_buffers()))
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 row["memory_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        if args.saved_breakdown:
+        if not args.no_op_count:
+            try:
+                row.update(host_work(name, variants[name], device))
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                row["count_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if args.saved_breakdown and pool_bytes is None:
             print_saved_breakdown(variants[name], bench, f"{bench.name} L={bench.num_layers} {dtype_name} {name}",
                                   args.saved_breakdown, log)
         rows.append(row)
@@ -276,7 +403,9 @@ def per_layer_rows(rows: List[dict]) -> List[dict]:
         out.append(dict(bench=bench, dtype=dtype, variant=variant, layer_counts=",".join(map(str, sorted(ls))),
                         ms_per_layer=common.linear_slope(ls, [r["median_ms"] for r in members]),
                         saved_bytes_per_layer=common.linear_slope(ls, [r.get("saved_bytes") for r in members]),
-                        peak_bytes_per_layer=common.linear_slope(ls, [r.get("peak_bytes") for r in members])))
+                        peak_bytes_per_layer=common.linear_slope(ls, [r.get("peak_bytes") for r in members]),
+                        ops_per_layer=common.linear_slope(ls, [r.get("ops") for r in members]),
+                        kernels_per_layer=common.linear_slope(ls, [r.get("cuda_kernels") for r in members])))
     return out
 
 
@@ -284,8 +413,9 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
     """Every non-reference variant against the reference of the same configuration."""
     refs = {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
             if r["variant"] == "reference" and r.get("median_ms") is not None}
-    compiled = {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
-                if r["variant"] == COMPILE_VARIANT and r.get("median_ms") is not None}
+    compiled = {name: {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
+                       if r["variant"] == name and r.get("median_ms") is not None}
+                for name in (COMPILE_VARIANT, MAX_AUTOTUNE_VARIANT)}
     out = []
     for r in rows:
         key = (r["bench"], r["dtype"], r["num_layers"])
@@ -296,9 +426,10 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
                    shape=f"B{r['batch']} S{r['shot']} {r['image_size']}px L{r['num_layers']}", backend=r["variant"],
                    ms=r["median_ms"], ref_ms=ref["median_ms"], speedup=ref["median_ms"] / r["median_ms"],
                    speedup_of_minima=ref["min_ms"] / r["min_ms"])
-        if key in compiled and r["variant"] != COMPILE_VARIANT:
-            row["vs_compile"] = compiled[key]["median_ms"] / r["median_ms"]
-        for field in ("saved_bytes", "peak_bytes", "rss_rise_bytes"):
+        for field, name in (("vs_compile", COMPILE_VARIANT), ("vs_compile_max_autotune", MAX_AUTOTUNE_VARIANT)):
+            if key in compiled[name] and r["variant"] != name:
+                row[field] = compiled[name][key]["median_ms"] / r["median_ms"]
+        for field in ("saved_bytes", "peak_bytes", "rss_rise_bytes", "ops", "cuda_kernels"):
             if r.get(field) is not None and ref.get(field):
                 row[f"{field}_ratio"] = r[field] / ref[field]
         out.append(row)
@@ -315,12 +446,16 @@ TABLE_COLUMNS = [
     ("saved MiB", lambda r: common.fmt_mib(r.get("saved_bytes"))),
     ("peak MiB", lambda r: common.fmt_mib(r.get("peak_bytes"))),
     ("peak RSS MiB", lambda r: common.fmt_mib(r.get("peak_rss_bytes"))),
+    ("ops", lambda r: common.fmt_count(r.get("ops"))), ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
+    ("kernels", lambda r: common.fmt_count(r.get("cuda_kernels"))),
 ]
 SLOPE_COLUMNS = [
     ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layer_counts"),
     ("ms/layer", lambda r: common.fmt_ms(r["ms_per_layer"])),
     ("saved MiB/layer", lambda r: common.fmt_mib(r["saved_bytes_per_layer"])),
     ("peak MiB/layer", lambda r: common.fmt_mib(r["peak_bytes_per_layer"])),
+    ("ops/layer", lambda r: common.fmt_count(r["ops_per_layer"])),
+    ("kernels/layer", lambda r: common.fmt_count(r["kernels_per_layer"])),
 ]
 RATIO_COLUMNS = [
     ("machine", "machine"), ("bench", "bench"), ("dtype", "dtype"), ("shape", "shape"), ("backend", "backend"),
@@ -328,6 +463,8 @@ RATIO_COLUMNS = [
     ("ref/fused", lambda r: common.fmt_ratio(r["speedup"])),
     ("(of minima)", lambda r: common.fmt_ratio(r["speedup_of_minima"])),
     ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),
+    ("max-autotune/fused", lambda r: common.fmt_ratio(r.get("vs_compile_max_autotune"))),
+    ("ops fused/ref", lambda r: common.fmt_fraction(r.get("ops_ratio"))),
     ("saved fused/ref", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
     ("peak fused/ref", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}"),
 ]
@@ -343,18 +480,22 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=384, help="hidden width C (reduce_dim)")
     p.add_argument("--backbone", type=int, default=50, choices=(50, 101), help="ResNet depth (step bench)")
     p.add_argument("--dtypes", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--backends", help="comma-separated variants: backend names, each optionally with +recompute "
-                   "(FFN hidden activations recomputed in backward); default: every runnable backend, "
-                   "auto and auto+recompute")
+    p.add_argument("--backends", help="comma-separated variants <backend>[+recompute][+graphs]: +recompute "
+                   "recomputes the FFN hidden activations in backward, +graphs (CUDA) replays the call from a "
+                   "CUDA graph; default: every runnable backend, auto, auto+recompute, and on CUDA "
+                   "reference+graphs and auto+graphs")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
-    p.add_argument("--compile-layers", help="layer counts at which to add torch.compile of the reference "
+    p.add_argument("--compile-layers", help="layer counts at which to add the --compile-variants "
                                             "(transformer bench; compile time is long)")
+    p.add_argument("--compile-variants", default=",".join(COMPILE_VARIANTS),
+                   help="torch.compile variants compile(<backend>[,<mode>]) (default: %(default)s)")
     p.add_argument("--quiet-wait", type=float,
                    help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
                         "and retake samples they disturbed (0 = off; default 30 on CPU, 0 on CUDA)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-op-count", action="store_true", help="skip counting ops dispatched and kernels launched")
     p.add_argument("--saved-breakdown", type=int, default=0, metavar="K",
                    help="print the K largest saving sites (source line, shape) of each variant's saved tensors")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
@@ -363,6 +504,9 @@ def parse_args(argv=None):
     args, device = common.parse_with_device_defaults(p, argv, DEFAULTS)
     if (args.image_size - 1) % OUTPUT_STRIDE:
         p.error(f"--image-size must satisfy (size - 1) % {OUTPUT_STRIDE} == 0 (e.g. 473, 233, 97)")
+    for variant in parse_compile_list(args.compile_variants):
+        if parse_compile_variant(variant) is None:
+            p.error(f"--compile-variants: {variant!r} is not compile(<backend>[,<mode>])")
     return args, device
 
 
@@ -376,6 +520,7 @@ def main(argv=None) -> List[dict]:
     if not backends:
         raise SystemExit("no backend can run here")
     compile_at = set(common.parse_int_list(args.compile_layers))
+    compile_variants = parse_compile_list(args.compile_variants)
     rows: List[dict] = []
 
     def save(rows):  # after every configuration, so a run cut short keeps what it measured
@@ -399,7 +544,8 @@ def main(argv=None) -> List[dict]:
                 print(f"# {bench_name} L={num_layers} {dtype_name} B={args.batch} S={args.shot} "
                       f"{args.image_size}px: {', '.join(backends)}", flush=True)
                 with_compile = bench_name == "transformer" and num_layers in compile_at
-                new = bench_layer_count(bench, backends, dtype_name, with_compile, args, device)
+                new = bench_layer_count(bench, backends, dtype_name, compile_variants if with_compile else [], args,
+                                        device)
                 print(common.format_table([r for r in new if r.get("median_ms") is not None], TABLE_COLUMNS[3:]),
                       flush=True)
                 rows.extend(new)

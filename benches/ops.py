@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ipmt_fast import ops
 from ipmt_fast.model.transformer import DROPOUT, FFN_EXPANSION
 from ipmt_fast.ops import registry
+from ipmt_fast.train import graphs
 
 from . import common
 
@@ -241,22 +242,13 @@ def all_variants(case: OpCase, device: torch.device, use_compile: bool, compiled
     return variants
 
 
-def capture_graph(fn: Callable, sets: Sequence[OpInputs], mode: str) -> "torch.cuda.CUDAGraph":
+def capture_graph(fn: Callable, sets: Sequence[OpInputs], mode: str) -> graphs.CapturedGraph:
     """A CUDA graph that runs ``fn`` once on each input set (so one replay rotates over them all).
 
     Replaying it times the kernels without Python, autograd and launch overhead: the device time
-    the memory-traffic floor is compared with."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture requires
-        for inputs in sets:
-            run_once(fn, inputs, mode)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for inputs in sets:
-            run_once(fn, inputs, mode)
-    return graph
+    the memory-traffic floor is compared with. One warm-up pass suffices: the eager timing before
+    it has compiled and tuned everything."""
+    return graphs.capture(lambda: [run_once(fn, inputs, mode) for inputs in sets], warmup=1)
 
 
 def graph_times(variants: Dict[str, Callable], sets: Sequence[OpInputs], mode: str, device: torch.device, args,

@@ -1,5 +1,6 @@
-"""Short summary of a results folder: the fused/reference ratios and where they stand against
-the project's targets (measured, not asserted).
+"""Short summary of a results folder: the fused/reference ratios, the ops dispatched (and CUDA
+kernels launched) per layer against the reference's, and where they stand against the project's
+targets (measured, not asserted).
 
     python -m benches.summary benches/results/cpu-2core
 """
@@ -13,12 +14,21 @@ from typing import Dict, List, Optional
 from . import common
 
 COMPILE_VARIANT = "compile(reference)"
-NON_FUSED = ("reference", COMPILE_VARIANT, "sdpa")
+MAX_AUTOTUNE_VARIANT = "compile(reference,max-autotune)"
+GRAPHS_SUFFIX = "+graphs"
+NON_FUSED = ("reference", "sdpa")
 TARGET_LAYERS = 5
 # Targets from the benchmark issue: (device kind, dtype, batch) -> thresholds.
 TRANSFORMER_TARGETS = {
     "cpu": dict(dtype="fp32", batch=1, speedup=1.5, saved_ratio=0.40),
     "cuda": dict(dtype="bf16", batch=4, speedup=2.5, vs_compile=1.5, peak_ratio=0.40),
+}
+# Targets of the CUDA-graphs issue (11), for the fastest +graphs variant, per bench: eager
+# reference time / its time, torch.compile(reference, max-autotune) time / its time, and its peak
+# memory (for a graph: its pool) / the eager reference's.
+GRAPHS_TARGETS = {
+    "transformer": dict(dtype="bf16", batch=4, speedup=10.0, vs_max_autotune=2.0, peak_ratio=0.5),
+    "step": dict(dtype="bf16", batch=4, speedup=5.0, peak_ratio=0.5),
 }
 # Each fused op within 2x of its memory-traffic floor (GPU only: the floor needs a bandwidth).
 OP_FLOOR_FRACTION = 0.5
@@ -35,9 +45,19 @@ def _load(folder: Path, prefix: str) -> List[dict]:
     return runs
 
 
+def is_eager_fused(variant: str) -> bool:
+    """A fused backend run eagerly (not the reference, not compiled, not replayed from a graph)."""
+    base = variant.removesuffix(GRAPHS_SUFFIX).split("+")[0]
+    return base not in NON_FUSED and not variant.startswith("compile(") and not variant.endswith(GRAPHS_SUFFIX)
+
+
+def _best(rows: List[dict], keep) -> Optional[dict]:
+    chosen = [r for r in rows if keep(r["variant"]) and r.get("median_ms") is not None]
+    return min(chosen, key=lambda r: r["median_ms"]) if chosen else None
+
+
 def _best_fused(rows: List[dict]) -> Optional[dict]:
-    fused = [r for r in rows if r["variant"] not in NON_FUSED and r.get("median_ms") is not None]
-    return min(fused, key=lambda r: r["median_ms"]) if fused else None
+    return _best(rows, is_eager_fused)
 
 
 def _verdict(value: Optional[float], threshold: float, higher_is_better: bool) -> str:
@@ -75,13 +95,63 @@ def transformer_targets(layer_runs: List[dict]) -> List[dict]:
             if key not in target or not ref.get(field):
                 continue
             # The fastest variant, and the leanest one where that is another (e.g. +recompute).
-            measured = [r for r in run_rows if r["variant"] not in NON_FUSED and r.get(field) is not None]
+            measured = [r for r in run_rows if is_eager_fused(r["variant"]) and r.get(field) is not None]
             leanest = min(measured, key=lambda r: r[field], default=None)
             for row in {id(r): r for r in (best, leanest) if r is not None and r.get(field) is not None}.values():
                 ratio = row[field] / ref[field]
                 out.append(dict(what=f"{shape}: {field.replace('_', ' ')} {row['variant']}/ref",
                                 target=f"<= {target[key]:.2f}", measured=f"{ratio:.2f}",
                                 verdict=_verdict(ratio, target[key], False)))
+    return out
+
+
+def graphs_targets(layer_runs: List[dict]) -> List[dict]:
+    """The CUDA-graphs targets (``GRAPHS_TARGETS``), judged on the fastest ``+graphs`` variant at
+    L=5 of each run that has one."""
+    out = []
+    for run in layer_runs:
+        for bench, target in GRAPHS_TARGETS.items():
+            config = [r for r in run["rows"] if r.get("bench") == bench and r["num_layers"] == TARGET_LAYERS
+                      and r["dtype"] == target["dtype"] and r["batch"] == target["batch"]
+                      and r.get("median_ms") is not None]
+            ref = next((r for r in config if r["variant"] == "reference"), None)
+            best = _best(config, lambda v: v.endswith(GRAPHS_SUFFIX))
+            if ref is None or best is None:
+                continue
+            what = f"{run['tag']}: {bench} {target['dtype']} B={target['batch']} L={TARGET_LAYERS}: {best['variant']}"
+            speedup = ref["median_ms"] / best["median_ms"]
+            out.append(dict(what=f"{what} vs eager reference time", target=f">= {target['speedup']}x",
+                            measured=f"{speedup:.2f}x", verdict=_verdict(speedup, target["speedup"], True)))
+            autotuned = next((r for r in config if r["variant"] == MAX_AUTOTUNE_VARIANT), None)
+            if "vs_max_autotune" in target and autotuned is not None:
+                vs = autotuned["median_ms"] / best["median_ms"]
+                out.append(dict(what=f"{what} vs {MAX_AUTOTUNE_VARIANT} time", target=f">= {target['vs_max_autotune']}x",
+                                measured=f"{vs:.2f}x", verdict=_verdict(vs, target["vs_max_autotune"], True)))
+            if best.get("peak_bytes") is not None and ref.get("peak_bytes"):
+                ratio = best["peak_bytes"] / ref["peak_bytes"]
+                out.append(dict(what=f"{what} graph pool / reference peak memory", target=f"<= {target['peak_ratio']:.2f}",
+                                measured=f"{ratio:.2f}", verdict=_verdict(ratio, target["peak_ratio"], False)))
+    return out
+
+
+def host_work_rows(layer_runs: List[dict]) -> List[dict]:
+    """Per run, bench, dtype and variant: ops dispatched and CUDA kernels launched per layer (the
+    least-squares slopes over the layer counts) and their ratio to the reference's slope."""
+    out = []
+    for run in layer_runs:
+        slopes = run.get("per_layer", [])
+        refs = {(s["bench"], s["dtype"]): s for s in slopes if s["variant"] == "reference"}
+        for s in slopes:
+            if s.get("ops_per_layer") is None and s.get("kernels_per_layer") is None:
+                continue
+            ref = refs.get((s["bench"], s["dtype"]), {})
+            row = dict(run=run["tag"], bench=s["bench"], dtype=s["dtype"], variant=s["variant"],
+                       layers=s["layer_counts"])
+            for kind in ("ops", "kernels"):
+                value, base = s.get(f"{kind}_per_layer"), ref.get(f"{kind}_per_layer")
+                row[f"{kind}_per_layer"] = value
+                row[f"{kind}_ratio"] = value / base if value is not None and base else None
+            out.append(row)
     return out
 
 
@@ -119,8 +189,19 @@ def main(argv=None) -> None:
             ("machine", "machine"), ("bench", "bench"), ("dtype", "dtype"), ("shape", "shape"), ("backend", "backend"),
             ("ms", lambda r: common.fmt_ms(r["ms"])), ("ref/fused", lambda r: common.fmt_ratio(r["speedup"])),
             ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),
+            ("max-autotune/fused", lambda r: common.fmt_ratio(r.get("vs_compile_max_autotune"))),
             ("saved f/r", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
             ("peak f/r", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}")]))
+    work = host_work_rows(layer_runs)
+    if work:
+        print("\n# host work per layer (slope over L): ops dispatched, CUDA kernels launched; /ref = the "
+              "variant's slope over the reference's")
+        print(common.format_table(work, [
+            ("run", "run"), ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layers"),
+            ("ops/layer", lambda r: common.fmt_count(r["ops_per_layer"])),
+            ("ops /ref", lambda r: common.fmt_fraction(r["ops_ratio"])),
+            ("kernels/layer", lambda r: common.fmt_count(r["kernels_per_layer"])),
+            ("kernels /ref", lambda r: common.fmt_fraction(r["kernels_ratio"]))]))
     op_summary = [s for run in op_runs for s in run.get("summary", [])]
     if op_summary:
         print("\n# op benches: fastest fused backend per configuration")
@@ -132,7 +213,7 @@ def main(argv=None) -> None:
             ("sdpa/fused", lambda r: common.fmt_ratio(r.get("vs sdpa"))),
             ("best of floor", lambda r: "-" if r.get("of_floor") is None
              else f"{r['of_floor']:.2f} {r.get('of_floor_backend', '')}")]))
-    targets = transformer_targets(layer_runs) + op_targets(op_runs)
+    targets = transformer_targets(layer_runs) + graphs_targets(layer_runs) + op_targets(op_runs)
     print("\n# targets (measured, not asserted)")
     print(common.format_table(targets, [("what", "what"), ("target", "target"), ("measured", "measured"),
                                         ("", "verdict")]) if targets else "(no result matches a target configuration)")

@@ -49,6 +49,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=BACKEND_CHOICES, help="op backend (default auto)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     g.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype (default none)")
+    _add_cuda_graphs_arg(g)
+
+
+def _add_cuda_graphs_arg(g) -> None:
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the whole training iteration (train) or the forward (eval, predict) in a CUDA "
+                        "graph and replay it: far fewer host launches (CUDA only; README, CUDA graphs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-layers", type=int, help="transformer layers (published checkpoints: 5)")
     pr.add_argument("--backend", choices=BACKEND_CHOICES, help="op backend (default auto)")
     pr.add_argument("--device", help="cpu, cuda or cuda:N")
+    _add_cuda_graphs_arg(pr)
     return parser
 
 
@@ -139,10 +147,11 @@ def _overrides(args: argparse.Namespace, skip=("command", "config", "checkpoint"
 
 def _checkpoint_settings(path: str):
     """(state, config values, arch) of a checkpoint: ours carry their config, published ones none."""
-    from .train.trainer import CHECKPOINT_FORMAT, load_checkpoint_file
+    from .train.trainer import CHECKPOINT_FORMAT, EVAL_KEYS, load_checkpoint_file, require_entries
 
     state = load_checkpoint_file(path)
     if state.get("format") == CHECKPOINT_FORMAT:
+        require_entries(state, path, EVAL_KEYS)
         return state, dict(state["config"]), dict(state["arch"])
     return state, {}, {}
 
@@ -153,7 +162,9 @@ def _config_for_checkpoint(args: argparse.Namespace):
     from .train.config import TrainConfig, load_yaml_config
 
     state, values, arch = _checkpoint_settings(args.checkpoint)
-    for run_only in ("resume", "weight", "stop_after", "out", "steps", "epochs", "eval_every"):
+    # Settings of the run that wrote the checkpoint, not of its model (cuda_graphs: a GPU run's
+    # choice that must not refuse evaluation elsewhere).
+    for run_only in ("resume", "weight", "stop_after", "out", "steps", "epochs", "eval_every", "cuda_graphs"):
         values.pop(run_only, None)
     values.update(arch)
     if getattr(args, "config", None):
@@ -201,18 +212,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train.distributed import init_distributed, shutdown
     from .train.evaluate import evaluate
+    from .train.graphs import require_cuda
     from .train.trainer import build_dataset
     from .data.episodes import fold_classes
 
     state, cfg = _config_for_checkpoint(args)
     ctx = init_distributed(cfg.device)
     try:
+        if cfg.cuda_graphs:  # refused before the data is indexed
+            require_cuda(ctx.device)
         model, device = _load_model(cfg, state, ctx.device)
         dataset = build_dataset(cfg, "val")
         classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)[1]
         result = evaluate(model, dataset, classes, device, batch_size=cfg.batch_size_val, workers=cfg.workers,
                           amp=cfg.amp, original_resolution=cfg.original_resolution, dist_ctx=ctx,
-                          progress=ctx.is_main and cfg.progress)
+                          progress=ctx.is_main and cfg.progress, cuda_graphs=cfg.cuda_graphs)
         if ctx.is_main:
             print(f"{cfg.data} fold {cfg.split}, {cfg.shot}-shot, {result.episodes} episodes, input {cfg.val_size}")
             for c, iou in result.class_iou.items():
@@ -230,6 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.episodes import binarize, read_image, read_label
     from .data.transforms import FOREGROUND, IGNORE_LABEL, ValTransform
     from .train.evaluate import prediction_at_original_size
+    from .train.graphs import GraphedForward
 
     if len(args.support) != len(args.support_mask):
         raise ValueError(f"got {len(args.support)} --support image(s) but {len(args.support_mask)} --support-mask(s)")
@@ -237,6 +252,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     state, cfg = _config_for_checkpoint(args)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, device = _load_model(cfg, state, device)
+    forward = GraphedForward(model) if cfg.cuda_graphs else model
     transform = ValTransform(cfg.val_size)
 
     query = read_image(args.query)
@@ -257,7 +273,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         support_images.append(s_x)
         support_labels.append(s_y)
     with torch.no_grad():
-        logits = model(x[None].to(device), torch.stack(support_images)[None].to(device),
+        logits = forward(x[None].to(device), torch.stack(support_images)[None].to(device),
                        torch.stack(support_labels)[None].to(device), padding_label[None].to(device))
     mask = prediction_at_original_size(logits[0], query.shape[:2]).cpu().numpy().astype(bool)
 

@@ -165,3 +165,55 @@ def test_published_checkpoint_layout_loads_and_other_architectures_are_refused(t
     assert SUMMARY_LINE.match(stdout.splitlines()[-1])
     code, _, stderr = run_cli("eval", *common, "--reduce-dim", "32", "--num-layers", "2")
     assert code == 2 and "missing: " in stderr and "transformer." in stderr
+
+
+# A damaged checkpoint given to any command ends in one line naming the file, never a traceback.
+GARBAGE = b"\x00\x01not a checkpoint\n" * 64
+DAMAGE_REASONS = {
+    "truncated": "the file is truncated or corrupt (PytorchStreamReader failed reading zip archive",
+    "garbage": "not a PyTorch checkpoint, or corrupt (UnpicklingError",
+    "empty": "the file is empty or truncated",
+    "list": "it holds a list, not a mapping of names to tensors",
+    "incomplete": "incomplete ipmt-fast checkpoint, missing ",
+}
+
+
+def _damaged(kind, last, folder):
+    path = folder / f"{kind}.pt"
+    data = last.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[:len(data) // 2])  # a real checkpoint cut in half
+    elif kind == "garbage":
+        path.write_bytes(GARBAGE)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    else:  # our format, with the entries after the architecture lost
+        state = torch.load(last, weights_only=True)
+        torch.save({k: state[k] for k in ("format", "version", "arch")}, path)
+    return path
+
+
+def _support_files(folder):
+    image, label = render_scene(4, 30, 30, np.random.default_rng(0))
+    Image.fromarray(image).save(folder / "image.png")
+    Image.fromarray(label).save(folder / "mask.png")
+    return str(folder / "image.png"), str(folder / "mask.png")
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE_REASONS))
+def test_damaged_checkpoints_end_in_one_line_naming_the_file(trained, tmp_path, kind):
+    out, _ = trained
+    path = _damaged(kind, out / "last.pt", tmp_path)
+    image, mask = _support_files(tmp_path)
+    calls = {"train --resume": ("train", *TINY, "--steps", "1", "--resume", str(path), "--out", str(tmp_path / "r")),
+             "eval": ("eval", "--checkpoint", str(path), "--episodes", "1", "--workers", "0"),
+             "predict": ("predict", "--checkpoint", str(path), "--query", image, "--support", image,
+                         "--support-mask", mask, "--out", str(tmp_path / "p.png"))}
+    if kind != "incomplete":  # --weight reads only the weights, of any layout
+        calls["train --weight"] = ("train", *TINY, "--steps", "1", "--weight", str(path), "--out", str(tmp_path / "w"))
+    for name, argv in calls.items():
+        code, _, stderr = run_cli(*argv)
+        expected = f"ipmt-fast {argv[0]}: error: cannot read checkpoint {path}: {DAMAGE_REASONS[kind]}"
+        assert code == 2 and stderr.startswith(expected) and stderr.count("\n") == 1, (name, stderr)

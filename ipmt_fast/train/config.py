@@ -72,6 +72,9 @@ class TrainConfig:
     steps: Optional[int] = None  # total iterations; overrides epochs
     manual_seed: int = 123
     amp: str = "none"
+    # Capture the whole training iteration (train) or the forward (eval/predict) in a CUDA graph
+    # and replay it (ipmt_fast.train.graphs; CUDA only).
+    cuda_graphs: bool = False
     # evaluation
     eval: bool = True
     eval_every: Optional[int] = None  # iterations; default once per epoch

@@ -9,25 +9,16 @@ the published ``ori_resize`` protocol pads the label with 255 to that square.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..data.episodes import collate_episodes, evaluation_batches
+from .amp import autocast
 from .distributed import DistContext
+from .graphs import GraphedForward
 from .metrics import EvalResult, FewShotMeter
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str = "none"):
-    """An autocast context for ``amp`` in ``none``, ``bf16``, ``fp16``."""
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
-    dtype = AMP_DTYPES[amp]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def prediction_at_original_size(logits: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:
@@ -50,11 +41,13 @@ def episode_inputs(batch: dict, device: torch.device, dtype: torch.dtype):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, class_ids: Sequence[int], device: torch.device, batch_size: int = 1,
              workers: int = 0, amp: str = "none", original_resolution: bool = True,
-             dist_ctx: Optional[DistContext] = None, progress: bool = False) -> EvalResult:
+             dist_ctx: Optional[DistContext] = None, progress: bool = False, cuda_graphs: bool = False
+             ) -> EvalResult:
     """Run every episode of ``dataset`` (a ``val``-mode episode source) and score it.
 
     With several ranks each evaluates every ``world_size``-th episode and the counts are summed,
-    so the result equals a single-process run. ``model`` is left in eval mode.
+    so the result equals a single-process run. ``model`` is left in eval mode. ``cuda_graphs``
+    replays the forward from a CUDA graph captured once per input shape (:class:`GraphedForward`).
     """
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx else (0, 1)
     batches = evaluation_batches(len(dataset), batch_size, rank, world)
@@ -63,13 +56,17 @@ def evaluate(model: torch.nn.Module, dataset, class_ids: Sequence[int], device: 
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     meter = FewShotMeter(class_ids)
     model.eval()
+    graphed = GraphedForward(model, amp) if cuda_graphs else None
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
     for batch in loader:
         x, s_x, s_y, y = episode_inputs(batch, device, dtype)
-        with autocast(device, amp):
-            logits = model(x, s_x, s_y, y)
+        if graphed is not None:
+            logits = graphed(x, s_x, s_y, y)
+        else:
+            with autocast(device, amp):
+                logits = model(x, s_x, s_y, y)
         for i, class_id in enumerate(batch["class_id"].tolist()):
             if original_resolution:
                 target = batch["original_label"][i]

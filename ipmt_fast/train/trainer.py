@@ -35,10 +35,12 @@ import torch
 from ..data.episodes import EpisodeBatchSampler, EpisodeDataset, collate_episodes, fold_classes
 from ..data.synthetic import SyntheticEpisodes
 from ..data.transforms import TrainTransform, ValTransform
-from ..model import IPMT, load_published_checkpoint
+from ..model import IPMT, CheckpointError, load_published_checkpoint, read_checkpoint
+from .amp import autocast
 from .config import TrainConfig, default_list
 from .distributed import DistContext, all_gather_objects, all_reduce_mean, barrier, init_distributed
-from .evaluate import autocast, episode_inputs, evaluate
+from .evaluate import episode_inputs, evaluate
+from .graphs import GraphedStep, check_training_support, configure_optimizers_for_graphs
 from .metrics import EvalResult
 
 CHECKPOINT_FORMAT = "ipmt-fast-checkpoint"
@@ -48,6 +50,10 @@ RANK_SEED_STRIDE = 1_000_003
 # Published warm-up: lr ramps linearly from this fraction of the base lr over the first epoch.
 WARMUP_START_RATIO = 0.001
 TRANSFORMER_PREFIX = "transformer."
+# Entries of our training checkpoints that resuming reads, and that evaluating one reads.
+RESUME_KEYS = ("arch", "state_dict", "optimizer", "transformer_optimizer", "scaler", "iteration",
+               "total_iterations", "sampler", "rng", "best_miou", "history", "skipped_files")
+EVAL_KEYS = ("arch", "config", "state_dict")
 TRAIN_LOG_FIELDS = ("iteration", "epoch", "lr", "transformer_lr", "loss", "main_loss", "aux_loss", "seconds")
 VAL_LOG_FIELDS = ("iteration", "epoch", "miou", "fb_iou", "episodes")
 
@@ -182,9 +188,15 @@ def write_json_atomic(obj, path: str) -> None:
 
 
 def load_checkpoint_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file's contents; :class:`~ipmt_fast.model.CheckpointError` if it cannot be read."""
+    return dict(read_checkpoint(path))
+
+
+def require_entries(state: dict, path: str, keys) -> None:
+    """Refuse one of our checkpoints that lacks any of ``keys`` (:class:`~ipmt_fast.model.CheckpointError`)."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(path, f"incomplete ipmt-fast checkpoint, missing {', '.join(missing)}")
 
 
 # --------------------------------------------------------------------------- trainer
@@ -205,6 +217,8 @@ class Trainer:
         self.cfg = cfg
         self.ctx = dist_ctx or init_distributed(cfg.device)
         self.device = self.ctx.device
+        if cfg.cuda_graphs:  # refused before any data or model is built
+            check_training_support(self.device, cfg.amp, self.ctx.distributed)
         # Data first: a wrong data root or list fails before the model is built.
         self.train_data = train_data if train_data is not None else build_dataset(cfg, "train")
         self.val_data = val_data if val_data is not None or not cfg.eval else build_dataset(cfg, "val")
@@ -217,6 +231,10 @@ class Trainer:
                 find_unused_parameters=cfg.find_unused_parameters)
         self.optimizer, self.transformer_optimizer = build_optimizers(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        # With cuda_graphs, train_step replays a captured iteration (see ipmt_fast.train.graphs).
+        self.graphed_step = GraphedStep(self.model, [self.optimizer, self.transformer_optimizer], amp=cfg.amp,
+                                        clip_grad_norm=cfg.clip_grad_norm, aux_weight=cfg.aux_weight) \
+            if cfg.cuda_graphs else None
 
         self.val_classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)[1]
         self.sampler = EpisodeBatchSampler(len(self.train_data), cfg.batch_size, self.ctx.rank, self.ctx.world_size,
@@ -270,15 +288,26 @@ class Trainer:
 
     # ----------------------------------------------------------------------- one step
     def train_step(self, batch: dict) -> Dict[str, torch.Tensor]:
-        """One optimisation step on ``batch`` (this rank's share). Returns detached losses; the
-        gradients of the step stay in ``.grad`` until the next step."""
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        x, s_x, s_y, y = episode_inputs(batch, self.device, dtype)
+        """One optimisation step on ``batch`` (this rank's share), eager or replayed from a CUDA
+        graph (``cuda_graphs``). Returns detached losses (device tensors); the gradients of the
+        step stay in ``.grad`` until the next step."""
         sgd_lr, transformer_lr = self.learning_rates(self.iteration + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = sgd_lr
         for group in self.transformer_optimizer.param_groups:
             group["lr"] = transformer_lr
+        losses = self.graphed_step.step(batch) if self.graphed_step is not None else self._eager_step(batch)
+        self.iteration += 1
+        for path in batch.get("skipped", ()):
+            if path not in self.skipped_files:
+                self._print(f"warning: skipping unreadable file {path} (rank {self.ctx.rank})")
+            self.skipped_files[path] += 1
+        return losses
+
+    def _eager_step(self, batch: dict) -> Dict[str, torch.Tensor]:
+        """Forward, backward (through the fp16 scaler when on), clipping, both optimisers' steps."""
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        x, s_x, s_y, y = episode_inputs(batch, self.device, dtype)
         with autocast(self.device, self.cfg.amp):
             _, main_loss, aux_loss = self.net(x, s_x, s_y, y)
         loss = main_loss + self.cfg.aux_weight * aux_loss
@@ -293,11 +322,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.step(self.transformer_optimizer)
         self.scaler.update()
-        self.iteration += 1
-        for path in batch.get("skipped", ()):
-            if path not in self.skipped_files:
-                self._print(f"warning: skipping unreadable file {path} (rank {self.ctx.rank})")
-            self.skipped_files[path] += 1
         return {"loss": loss.detach(), "main_loss": main_loss.detach(), "aux_loss": aux_loss.detach()}
 
     # ----------------------------------------------------------------------- loop
@@ -377,7 +401,7 @@ class Trainer:
             result = evaluate(self.model, self.val_data, self.val_classes, self.device,
                               batch_size=cfg.batch_size_val, workers=cfg.workers, amp=cfg.amp,
                               original_resolution=cfg.original_resolution, dist_ctx=self.ctx,
-                              progress=self.ctx.is_main and cfg.progress)
+                              progress=self.ctx.is_main and cfg.progress, cuda_graphs=cfg.cuda_graphs)
             random.setstate(python_state)
             np.random.set_state(numpy_state)
         record = {"iteration": self.iteration, "epoch": self.epoch, **result.as_dict()}
@@ -466,11 +490,13 @@ class Trainer:
         barrier()
 
     def load_checkpoint(self, path: str) -> None:
-        """Resume from one of our checkpoints: weights, optimisers, scaler, position and RNGs."""
+        """Resume from one of our checkpoints: weights, optimisers, scaler, position and RNGs.
+        A captured training step is dropped, to be captured again on the next step."""
         state = load_checkpoint_file(path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an ipmt-fast training checkpoint (to start from published weights "
                              f"use --weight instead of --resume)")
+        require_entries(state, path, RESUME_KEYS)
         if state["arch"] != model_arch(self.cfg):
             raise ValueError(f"{path} was trained with {state['arch']}, this run is configured for "
                              f"{model_arch(self.cfg)}")
@@ -481,6 +507,10 @@ class Trainer:
         load_published_checkpoint(self.model, state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.transformer_optimizer.load_state_dict(state["transformer_optimizer"])
+        # A checkpoint keeps the optimiser forms of the run that wrote it (graph-safe or not).
+        configure_optimizers_for_graphs([self.optimizer, self.transformer_optimizer], self.cfg.cuda_graphs)
+        if self.graphed_step is not None:
+            self.graphed_step.invalidate()  # the graph holds the replaced optimiser state's addresses
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.best_miou = float(state["best_miou"])

@@ -1,0 +1,81 @@
+"""The layer benchmark's own plumbing at tiny sizes on any device (quick; not part of the CI suite
+in tests/): variant names, the op-count column and its per-layer fit, the summary's tables."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from . import layers, summary
+
+TINY = ["--layers", "1,2", "--image-size", "17", "--width", "16", "--warmup", "1", "--repeats", "1",
+        "--quiet-wait", "0", "--no-plot", "--no-memory"]
+
+
+def test_variant_names():
+    assert layers.split_variant("auto") == ("auto", False, False)
+    assert layers.split_variant("auto+recompute+graphs") == ("auto", True, True)
+    assert layers.split_variant("reference+graphs") == ("reference", False, True)
+    assert layers.parse_compile_variant("compile(reference,max-autotune)") == ("reference", "max-autotune")
+    assert layers.parse_compile_variant("compile(auto)") == ("auto", None)
+    assert layers.parse_compile_variant("auto") is None
+    assert layers.parse_compile_list("compile(reference),compile(reference,max-autotune), compile(auto)") == \
+        ["compile(reference)", "compile(reference,max-autotune)", "compile(auto)"]
+    with pytest.raises(SystemExit):
+        layers.parse_args(["--compile-variants", "compile(reference"])
+
+
+def test_graph_variants_only_on_cuda():
+    logged = []
+    chosen = layers.candidate_backends(torch.device("cpu"), ["reference", "auto+graphs"], log=logged.append)
+    assert chosen == ["reference"]
+    assert any("'auto+graphs'" in line and "CUDA device" in line for line in logged)
+    defaults = layers.candidate_backends(torch.device("cpu"), log=lambda _: None)
+    assert not any(v.endswith(layers.GRAPHS_SUFFIX) for v in defaults)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layers")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    variants = "reference,auto" + (",auto+graphs" if device == "cuda" else "")
+    layers.main(["--bench", "transformer,step", "--device", device, "--backends", variants, "--out", str(out),
+                 *TINY])
+    return out, json.loads((out / "layers.json").read_text())
+
+
+def test_every_row_counts_its_ops(tiny_run):
+    _, run = tiny_run
+    rows = [r for r in run["rows"] if r.get("median_ms") is not None]
+    assert {(r["bench"], r["num_layers"]) for r in rows} == {(b, n) for b in ("transformer", "step") for n in (1, 2)}
+    for r in rows:
+        assert isinstance(r["host_syncs"], int) and r["host_syncs"] >= 0, r
+        if r["variant"].endswith(layers.GRAPHS_SUFFIX):  # a replay issues a handful of ops, not the model's
+            assert r["ops"] < 50 and r["peak_is_graph_pool"], r
+        else:
+            assert r["ops"] > 100, r
+        assert (r["cuda_kernels"] is None) == (not torch.cuda.is_available()), r
+    by_key = {(r["bench"], r["num_layers"], r["variant"]): r for r in rows}
+    for bench in ("transformer", "step"):
+        for variant in ("reference", "auto"):
+            assert by_key[(bench, 2, variant)]["ops"] > by_key[(bench, 1, variant)]["ops"]
+    slopes = {(s["bench"], s["variant"]): s for s in run["per_layer"]}
+    for (bench, variant), s in slopes.items():
+        if not variant.endswith(layers.GRAPHS_SUFFIX):
+            expected = by_key[(bench, 2, variant)]["ops"] - by_key[(bench, 1, variant)]["ops"]
+            assert s["ops_per_layer"] == pytest.approx(expected)
+    ratios = [r for r in run["ratios"] if r["backend"] == "auto"]
+    assert ratios and all(r["ops_ratio"] > 0 for r in ratios)
+
+
+def test_summary_prints_ops_per_layer_against_the_reference(tiny_run, capsys):
+    out, run = tiny_run
+    summary.main([str(out)])
+    printed = capsys.readouterr().out
+    assert "# host work per layer" in printed
+    slopes = {(s["bench"], s["variant"]): s["ops_per_layer"] for s in run["per_layer"]}
+    ratio = slopes[("transformer", "auto")] / slopes[("transformer", "reference")]
+    work = {(r["bench"], r["variant"]): r for r in summary.host_work_rows([dict(run, tag="layers")])}
+    assert work[("transformer", "auto")]["ops_ratio"] == pytest.approx(ratio)
+    assert f" {ratio:.2f} " in printed
