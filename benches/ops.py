@@ -110,13 +110,15 @@ def make_query_update(b, n, c, dtype, device) -> OpInputs:
 def make_deform_sample(b, n, c, dtype, device) -> OpInputs:
     side = max(1, round(math.sqrt(n)))  # a square map of about n tokens; one query per token
     h = w = side
+    # The model feeds the sampling float32 in every precision (its autocast rule is float32, like
+    # grid_sample's), so a bf16 / fp16 run measures it in float32 too.
+    dtype = torch.promote_types(dtype, torch.float32)
     value = torch.randn(b, h * w, DEFORM_HEADS, c, device=device, dtype=dtype)
-    shapes = torch.tensor([[h, w]], dtype=torch.int64, device=device)
-    starts = torch.zeros(DEFORM_LEVELS, dtype=torch.int64, device=device)
+    shapes = [(h, w)]  # DEFORM_LEVELS = 1 level of h x w tokens
     loc_shape = (b, h * w, DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS)
     locations = (torch.rand(*loc_shape, 2, device=device) * (1 + 2 * LOCATION_MARGIN) - LOCATION_MARGIN).to(dtype)
     weights = torch.randn(*loc_shape, device=device).flatten(-2).softmax(-1).view(loc_shape).to(dtype)
-    return OpInputs((value, shapes, starts, locations, weights), [value, locations, weights], [],
+    return OpInputs((value, shapes, locations, weights), [value, locations, weights], [],
                     torch.randn(b, h * w, DEFORM_HEADS * c, device=device, dtype=dtype))
 
 
