@@ -34,6 +34,9 @@ HOST_SYNC_OPS = frozenset({
 # A tensor built from Python data (``torch.tensor(...)``) inside the counted region: on a GPU a
 # host-to-device copy.
 TENSOR_FROM_HOST_DATA_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
+# Tensor methods that read a CPU tensor's values without dispatching any op (on a GPU tensor they
+# dispatch a device-to-host copy first); the counter records their calls by wrapping them.
+HOST_READ_METHODS = ("tolist", "numpy")
 
 
 def _devices(value) -> List[torch.device]:
@@ -54,14 +57,34 @@ class DispatchCounter(TorchDispatchMode):
     Attributes:
         ops: ``Counter`` of op names (``aten::mm``, ``ipmt_fast::ms_deform_sample``...).
         host_syncs: names of the ops that read device values on the host or moved data between
-            the host and a device (``HOST_SYNC_OPS``, ``TENSOR_FROM_HOST_DATA_OPS``, and any op
-            whose tensor arguments and results sit on different devices), in call order.
+            the host and a device (``HOST_SYNC_OPS``, ``TENSOR_FROM_HOST_DATA_OPS``, any op whose
+            tensor arguments and results sit on different devices, and the ``HOST_READ_METHODS``
+            called), in call order.
     """
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
         self.host_syncs: List[str] = []
+        self._saved_methods = {}
+
+    def __enter__(self):
+        for name in HOST_READ_METHODS:
+            method = getattr(torch.Tensor, name)
+            self._saved_methods[name] = method
+
+            def recorded(tensor, *args, _name=name, _method=method, **kwargs):
+                self.host_syncs.append(f"Tensor.{_name}")
+                return _method(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, recorded)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._saved_methods.items():
+            setattr(torch.Tensor, name, method)
+        self._saved_methods.clear()
+        return super().__exit__(*exc)
 
     @property
     def total(self) -> int:

@@ -21,4 +21,6 @@ def test_flags_item_nonzero_and_tensors_from_python_data():
         float(x.sum())
         x.nonzero()
         torch.tensor([[3, 4]])
-    assert counter.host_syncs == ["aten::_local_scalar_dense", "aten::nonzero", "aten::lift_fresh"]
+        x.tolist()  # dispatches nothing on the CPU: recorded by the wrapped method
+    assert counter.host_syncs == ["aten::_local_scalar_dense", "aten::nonzero", "aten::lift_fresh", "Tensor.tolist"]
+    assert torch.Tensor.tolist(x) == [0.0, 1.0, 2.0] and "recorded" not in torch.Tensor.tolist.__name__

@@ -16,12 +16,15 @@ def check_tensor(name: str, t, shape: Sequence, dtypes=FLOAT_DTYPES, device=None
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    expected = "(" + ", ".join(str(s) for s in shape) + ")"
+
+    def expected() -> str:  # formatted only for a message (sizes may be symbolic while compiling)
+        return "(" + ", ".join(str(s) for s in shape) + ")"
+
     if t.dim() != len(shape):
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {expected()}, got {tuple(t.shape)}")
     for i, s in enumerate(shape):
-        if isinstance(s, int) and t.shape[i] != s:
-            raise ValueError(f"{name} must have shape {expected} with dim {i} == {s}, got {tuple(t.shape)}")
+        if isinstance(s, (int, torch.SymInt)) and t.shape[i] != s:
+            raise ValueError(f"{name} must have shape {expected()} with dim {i} == {s}, got {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
@@ -30,7 +33,7 @@ def check_tensor(name: str, t, shape: Sequence, dtypes=FLOAT_DTYPES, device=None
 
 def check_same_size(what: str, **sizes: int) -> None:
     """Check that the named sizes agree, e.g. ``check_same_size('batch', prototype=2, tokens=3)``."""
-    values = set(sizes.values())
-    if len(values) > 1:
+    first, *others = sizes.values()
+    if any(size != first for size in others):
         detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
         raise ValueError(f"{what} sizes must agree: {detail}")

@@ -104,37 +104,44 @@ def resolve_backend_name(op: str, backend: str) -> str:
     return "torch"
 
 
-def get_implementation(op: str, backend: str, device: torch.device) -> Callable:
-    """The function that runs ``op`` with ``backend`` on tensors of ``device``."""
+@torch.compiler.assume_constant_result
+def resolve(op: str, backend: str, device_type: str) -> str:
+    """The backend name that runs ``op`` for the (model-wide or op) name ``backend`` on
+    ``device_type`` tensors: ``auto``'s choice, with its fallbacks; a named backend that cannot run
+    there raises. A constant to ``torch.compile`` (its availability checks build extensions and
+    take locks, which must not be traced), decided on its first call."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
     impls = _REGISTRY[op]
-    device_type = torch.device(device).type
     if backend != "auto":
         if backend not in impls:
             raise ValueError(f"op {op!r} has no {backend!r} backend; it has {tuple(impls)}")
         reason = impls[backend].unavailable_reason(device_type)
         if reason is not None:
             raise RuntimeError(f"backend {backend!r} of {op!r} cannot run here: {reason}")
-        return impls[backend].fn
+        return backend
     for name in AUTO_PREFERENCE.get(device_type, ("torch", "reference")):
         impl = impls.get(name)
         if impl is None:
             continue
         reason = impl.unavailable_reason(device_type)
         if reason is None:
-            return impl.fn
+            return name
         key = (op, name, device_type)
         # A backend that simply is not meant for this device is skipped silently; one that
         # should have worked but did not (missing compiler, missing package) is reported once.
         if device_type in impl.devices and key not in _WARNED:
             _WARNED.add(key)
             warnings.warn(f"{op}: backend {name!r} unavailable ({reason}); falling back", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
     raise RuntimeError(f"no backend of {op!r} can run on {device_type} tensors")
+
+
+def get_implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` with ``backend`` on tensors of ``device``."""
+    return _REGISTRY[op][resolve(op, backend, torch.device(device).type)].fn
 
 
 def selected_backend(op: str, backend: str, device) -> str:
     """The backend name that ``get_implementation(op, backend, device)`` resolves to."""
-    fn = get_implementation(op, backend, device)
-    return next(name for name, impl in _REGISTRY[op].items() if impl.fn is fn)
+    return resolve(op, backend, torch.device(device).type)

@@ -1,0 +1,167 @@
+"""The model as one graph: no host syncs after warm-up, no graph breaks (also from a cold process),
+and torch.compile (fullgraph) gives eager's losses, logits and gradients."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from compare import assert_close
+
+import ipmt_fast
+from ipmt_fast.instrument import DispatchCounter
+
+CPU_BACKENDS = ["reference", "torch", "compiled", "auto"]
+# torch.compile against eager, float32 (relative to each tensor's largest magnitude).
+COMPILE_TOLERANCE = 1e-5
+SIZE, DIM, LAYERS = 65, 16, 2
+DROPOUT_SEED = 7
+
+
+def build(backend, device="cpu"):
+    torch.manual_seed(0)
+    model = ipmt_fast.IPMT(reduce_dim=DIM, num_layers=LAYERS, backend=backend, check_values=False)
+    return model.to(device)
+
+
+def episode(device="cpu", batch=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, SIZE, SIZE, generator=g)
+    s_x = torch.randn(batch, 1, 3, SIZE, SIZE, generator=g)
+    s_y = (torch.rand(batch, 1, SIZE, SIZE, generator=g) > 0.6).long()
+    y = (torch.rand(batch, SIZE, SIZE, generator=g) > 0.5).long()
+    y[:, -9:] = 255
+    return [t.to(device) for t in (x, s_x, s_y, y)]
+
+
+def training_step(model, parameters, inputs):
+    """Prediction, losses and every parameter gradient of one forward + backward."""
+    for p in parameters.values():
+        p.grad = None
+    torch.manual_seed(DROPOUT_SEED)  # the same dropout masks in every run
+    pred, main_loss, aux_loss = model(*inputs)
+    (main_loss + aux_loss).backward()
+    return pred, main_loss.detach(), aux_loss.detach(), {n: p.grad.clone() for n, p in parameters.items()
+                                                         if p.grad is not None}
+
+
+def assert_same_step(actual, expected):
+    pred, main_loss, aux_loss, grads = actual
+    want_pred, want_main, want_aux, want_grads = expected
+    assert torch.equal(pred, want_pred)
+    assert_close(main_loss, want_main, rtol=COMPILE_TOLERANCE, name="main loss")
+    assert_close(aux_loss, want_aux, rtol=COMPILE_TOLERANCE, name="aux loss")
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, want_grads[name], rtol=COMPILE_TOLERANCE, name=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_host_syncs_in_a_training_step_or_an_eval_forward(backend):
+    model, inputs = build(backend), episode()
+    parameters = dict(model.named_parameters())
+    model.train()
+    training_step(model, parameters, inputs)  # warm-up: builds extensions, probes, caches
+    with DispatchCounter() as counter:
+        training_step(model, parameters, inputs)
+    assert counter.host_syncs == []
+    model.eval()
+    with torch.no_grad():
+        model(*inputs)
+        with DispatchCounter() as counter:
+            model(*inputs)
+    assert counter.host_syncs == []
+
+
+def test_value_checks_are_the_syncs_they_are_said_to_be():
+    """``check_values`` (on by default) reads the labels once per forward: one host sync."""
+    model, inputs = build("auto"), episode()
+    model.check_values = True
+    model.eval()
+    with torch.no_grad():
+        model(*inputs)
+        with DispatchCounter() as counter:
+            model(*inputs)
+    assert counter.host_syncs == ["Tensor.tolist"]  # both flags in one read
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_graph_without_breaks(backend, train):
+    model, inputs = build(backend), episode()
+    model.train(train)
+    explanation = torch._dynamo.explain(model)(*inputs)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+COLD_EXPLAIN = textwrap.dedent("""
+    import json, sys, torch, ipmt_fast
+    torch.manual_seed(0)
+    model = ipmt_fast.IPMT(reduce_dim=16, num_layers=1, backend=sys.argv[1], check_values=False).train()
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(1, 3, 33, 33, generator=g), torch.randn(1, 1, 3, 33, 33, generator=g),
+              torch.randint(0, 2, (1, 1, 33, 33), generator=g), torch.randint(0, 2, (1, 33, 33), generator=g))
+    explanation = torch._dynamo.explain(model)(*inputs)
+    print(json.dumps([explanation.graph_count, explanation.graph_break_count]))
+""")
+
+
+def test_one_graph_from_a_cold_process():
+    """Compiling before any eager call: backend resolution, extension loading and the rounding probe
+    run outside the trace (constants to dynamo), so they break nothing."""
+    result = subprocess.run([sys.executable, "-c", COLD_EXPLAIN, "auto"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1, 0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS[:3])
+def test_fullgraph_training_step_matches_eager(backend):
+    """Dynamo + AOT autograd as one graph (``aot_eager``: the tracing of torch.compile, eager
+    kernels), so the comparison is exact up to the graph's own op order."""
+    model, inputs = build(backend), episode()
+    parameters = dict(model.named_parameters())
+    model.train()
+    expected = training_step(model, parameters, inputs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same_step(training_step(compiled, parameters, inputs), expected)
+
+
+@pytest.fixture
+def eager_random_numbers():
+    """Inductor draws dropout masks with its own generator unless told to use eager's."""
+    saved = inductor_config.fallback_random
+    inductor_config.fallback_random = True
+    yield
+    inductor_config.fallback_random = saved
+
+
+def check_inductor_matches_eager(backend, device):
+    model, inputs = build(backend, device), episode(device)
+    parameters = dict(model.named_parameters())
+    compiled = torch.compile(model, fullgraph=True)
+    model.train()
+    expected = training_step(model, parameters, inputs)
+    assert_same_step(training_step(compiled, parameters, inputs), expected)
+    model.eval()
+    with torch.no_grad():
+        assert_close(compiled(*inputs), model(*inputs), rtol=COMPILE_TOLERANCE, name="eval logits")
+
+
+def test_inductor_training_step_and_eval_match_eager(eager_random_numbers):
+    """torch.compile with Inductor (the default) of the model users get (auto), train and eval."""
+    check_inductor_matches_eager("auto", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "compiled", "torch", "reference"])
+def test_cuda_inductor_matches_eager(backend, eager_random_numbers):
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        check_inductor_matches_eager(backend, "cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
