@@ -50,6 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     g.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype (default none)")
     _add_cuda_graphs_arg(g)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model as one graph (fullgraph) for training and evaluation; the "
+                        "first steps pay the compile time (README, torch.compile)")
 
 
 def _add_cuda_graphs_arg(g) -> None:
@@ -164,7 +167,8 @@ def _config_for_checkpoint(args: argparse.Namespace):
     state, values, arch = _checkpoint_settings(args.checkpoint)
     # Settings of the run that wrote the checkpoint, not of its model (cuda_graphs: a GPU run's
     # choice that must not refuse evaluation elsewhere).
-    for run_only in ("resume", "weight", "stop_after", "out", "steps", "epochs", "eval_every", "cuda_graphs"):
+    for run_only in ("resume", "weight", "stop_after", "out", "steps", "epochs", "eval_every", "cuda_graphs",
+                     "compile"):
         values.pop(run_only, None)
     values.update(arch)
     if getattr(args, "config", None):
@@ -213,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.distributed import init_distributed, shutdown
     from .train.evaluate import evaluate
     from .train.graphs import require_cuda
-    from .train.trainer import build_dataset
+    from .train.trainer import build_dataset, compile_model
     from .data.episodes import fold_classes
 
     state, cfg = _config_for_checkpoint(args)
@@ -222,6 +226,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if cfg.cuda_graphs:  # refused before the data is indexed
             require_cuda(ctx.device)
         model, device = _load_model(cfg, state, ctx.device)
+        if cfg.compile:
+            model = compile_model(model)
         dataset = build_dataset(cfg, "val")
         classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)[1]
         result = evaluate(model, dataset, classes, device, batch_size=cfg.batch_size_val, workers=cfg.workers,

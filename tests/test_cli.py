@@ -99,6 +99,26 @@ def test_eval_reproduces_the_training_evaluation(trained):
     assert line == f"mIoU {100 * last['miou']:.2f} FB-IoU {100 * last['fb_iou']:.2f}"
 
 
+def test_compile_flag_trains_and_evaluates_like_eager(trained, tmp_path):
+    """``--compile``: evaluation of the trained checkpoint prints the same summary as the eager
+    evaluation during training, and a compiled training run completes and saves."""
+    out, _ = trained
+    code, stdout, stderr = run_cli("eval", "--checkpoint", str(out / "last.pt"), "--episodes", "3",
+                                   "--workers", "0", "--backend", "torch", "--compile")
+    assert code == 0, stderr
+    with open(out / "metrics.json") as f:
+        last = json.load(f)["last"]
+    assert stdout.splitlines()[-1] == f"mIoU {100 * last['miou']:.2f} FB-IoU {100 * last['fb_iou']:.2f}"
+    code, _, stderr = run_cli("train", *TINY, "--steps", "1", "--no-eval", "--compile", "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert (tmp_path / "last.pt").is_file()
+
+
+def test_compile_and_cuda_graphs_are_alternatives(tmp_path):
+    code, _, stderr = run_cli("train", *TINY, "--steps", "1", "--compile", "--cuda-graphs", "--out", str(tmp_path))
+    assert code == 2 and "compile and cuda_graphs are alternatives" in stderr
+
+
 def test_predict_writes_overlay_and_mask(trained, tmp_path):
     out, _ = trained
     paths = {}

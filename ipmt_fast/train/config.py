@@ -75,6 +75,8 @@ class TrainConfig:
     # Capture the whole training iteration (train) or the forward (eval/predict) in a CUDA graph
     # and replay it (ipmt_fast.train.graphs; CUDA only).
     cuda_graphs: bool = False
+    # torch.compile the model (fullgraph; training and evaluation). An alternative to cuda_graphs.
+    compile: bool = False
     # evaluation
     eval: bool = True
     eval_every: Optional[int] = None  # iterations; default once per epoch
@@ -110,6 +112,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 8k+1 (e.g. 473, 97, 65), got {size}")
         if cfg.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
+        if cfg.compile and cfg.cuda_graphs:
+            raise ValueError("compile and cuda_graphs are alternatives (cuda_graphs captures the eager step; "
+                             "torch.compile makes its own kernels): choose one")
         if cfg.shot < 1 or cfg.batch_size < 1 or cfg.batch_size_val < 1:
             raise ValueError("shot, batch_size and batch_size_val must be >= 1")
         if cfg.steps is not None and cfg.steps < 1:

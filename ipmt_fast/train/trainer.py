@@ -72,6 +72,12 @@ def build_model(cfg: TrainConfig) -> IPMT:
     return model
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` of ``model`` as one graph (``fullgraph=True``: a graph break is an error,
+    not a silent split). The compiled module shares the model's parameters and modes."""
+    return torch.compile(model, fullgraph=True)
+
+
 def build_dataset(cfg: TrainConfig, mode: str):
     """The ``train`` or ``val`` episode source of ``cfg`` (the fold's training or test classes)."""
     train_classes, test_classes = fold_classes(cfg.data, cfg.split, cfg.coco_split)
@@ -224,11 +230,16 @@ class Trainer:
         self.val_data = val_data if val_data is not None or not cfg.eval else build_dataset(cfg, "val")
         seed_everything(cfg.manual_seed)
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
-        self.net = self.model
+        # What evaluation runs: the model, or its compiled graph.
+        self.eval_model = compile_model(self.model) if cfg.compile else self.model
+        self.net = self.eval_model
         if self.ctx.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.find_unused_parameters)
+            if cfg.compile:
+                # DDP's gradient buckets split the graph (its optimizer for compile), so no fullgraph.
+                self.net = torch.compile(self.net)
         self.optimizer, self.transformer_optimizer = build_optimizers(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         # With cuda_graphs, train_step replays a captured iteration (see ipmt_fast.train.graphs).
@@ -398,7 +409,7 @@ class Trainer:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             python_state, numpy_state = random.getstate(), np.random.get_state()
-            result = evaluate(self.model, self.val_data, self.val_classes, self.device,
+            result = evaluate(self.eval_model, self.val_data, self.val_classes, self.device,
                               batch_size=cfg.batch_size_val, workers=cfg.workers, amp=cfg.amp,
                               original_resolution=cfg.original_resolution, dist_ctx=self.ctx,
                               progress=self.ctx.is_main and cfg.progress, cuda_graphs=cfg.cuda_graphs)
