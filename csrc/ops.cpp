@@ -1,5 +1,5 @@
 // The ipmt_fast operator library: every op's schema, and the CPU kernels of multi-scale deformable
-// bilinear sampling. The CUDA kernels register themselves from ms_deform_sample_cuda_ops.cpp (built
+// bilinear sampling (the other ops' kernels are in fused_ops.cpp). The CUDA kernels register themselves from ms_deform_sample_cuda_ops.cpp (built
 // only where PyTorch has CUDA); shape-only (fake) implementations, autograd and autocast rules are
 // registered from Python (ipmt_fast/ops/), so torch.compile and torch.library.opcheck see them all.
 #include <torch/extension.h>
@@ -61,6 +61,24 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor attention_weights, bool fused_coordinate) -> Tensor");
   m.def("ms_deform_sample_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
         "Tensor sampling_locations, Tensor attention_weights, bool fused_coordinate) -> (Tensor, Tensor, Tensor)");
+  // Whole-op forwards and backwards (fused_ops.cpp). A forward returns its result, then what its
+  // backward reads.
+  m.def("masked_prototype_attention(Tensor prototype, Tensor tokens, Tensor token_mask, Tensor q_weight, "
+        "Tensor k_weight, Tensor v_weight, Tensor proj_weight, Tensor? attn_keep, float scale, float masked_bias) "
+        "-> (Tensor out, Tensor query, Tensor query_key, Tensor attention, Tensor pooled, Tensor value)");
+  m.def("masked_prototype_attention_backward(Tensor grad_out, Tensor prototype, Tensor tokens, Tensor q_weight, "
+        "Tensor k_weight, Tensor v_weight, Tensor proj_weight, Tensor? attn_keep, float scale, Tensor query, "
+        "Tensor query_key, Tensor attention, Tensor pooled, Tensor value) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("prototype_mask_logits(Tensor embedding, Tensor tokens, float threshold) -> (Tensor logits, Tensor next_mask)");
+  m.def("prototype_mask_logits_backward(Tensor grad_logits, Tensor embedding, Tensor tokens) -> (Tensor, Tensor)");
+  m.def("prototype_query_update(Tensor query, Tensor prototype, Tensor weight) -> Tensor");
+  m.def("prototype_query_update_backward(Tensor grad_out, Tensor output, Tensor query, Tensor prototype, "
+        "Tensor weight) -> (Tensor, Tensor, Tensor)");
+  m.def("feed_forward(Tensor x, Tensor hidden_weight, Tensor output_weight, Tensor? hidden_keep, float keep_scale, "
+        "bool recompute_hidden) -> (Tensor out, Tensor hidden)");
+  m.def("feed_forward_backward(Tensor grad_out, Tensor x, Tensor hidden_weight, Tensor output_weight, "
+        "Tensor? hidden_keep, float keep_scale, Tensor hidden) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ipmt_fast, CPU, m) {

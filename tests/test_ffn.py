@@ -1,6 +1,7 @@
-"""feed_forward (the FFN without its residual): the torch backend against the reference."""
+"""feed_forward (the FFN without its residual): the fused backends against the reference."""
 import pytest
 import torch
+from compare import assert_close, assert_low_precision_close
 
 from ipmt_fast.ops import feed_forward, feed_forward_reference, registry
 from ipmt_fast.ops.ffn import OP_NAME
@@ -14,9 +15,8 @@ SHAPES = [(2, 37, 16, 48, 16), (3, 1, 8, 24, 8), (1, 29, 12, 12, 12)]
 KEEPS = ["none", "random", "all_kept", "all_dropped"]
 
 
-def relative_error(actual, expected):
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+# The fused form in PyTorch ops and the same form as two C++ ops (forward, backward).
+FUSED_BACKENDS = ("torch", "compiled")
 
 
 def inputs(b, n, c, hidden, c_out, keep, dtype=torch.float64, seed=0):
@@ -40,34 +40,37 @@ def value_and_grads(backend, tensors, hidden_keep, recompute_hidden, seed=1):
 @pytest.mark.parametrize("keep", KEEPS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, FLOAT64_TOL), (torch.float32, FLOAT32_TOL)])
-def test_torch_matches_reference(shape, keep, recompute_hidden, dtype, tol):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_matches_reference(backend, shape, keep, recompute_hidden, dtype, tol):
     tensors, hidden_keep = inputs(*shape, keep, dtype)
     expected = value_and_grads("reference", tensors, hidden_keep, False)
-    got = value_and_grads("torch", tensors, hidden_keep, recompute_hidden)
+    got = value_and_grads(backend, tensors, hidden_keep, recompute_hidden)
     for name, e, o in zip(("out", "dx", "dW1", "dW2"), expected, got):
         assert o.dtype == e.dtype and o.shape == e.shape
         if keep == "all_dropped" and name != "dx":
             assert not e.any() and not o.any(), name  # nothing passes: exact zeros
         else:
-            assert relative_error(o, e) <= tol, f"{name}: {relative_error(o, e):.2e}"
+            assert_close(o, e, rtol=tol, name=f"{backend} {name}")
 
 
 @pytest.mark.parametrize("recompute_hidden", [False, True])
 @pytest.mark.parametrize("keep", ["none", "random"])
-def test_torch_gradcheck(keep, recompute_hidden):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_gradcheck(backend, keep, recompute_hidden):
     tensors, hidden_keep = inputs(2, 5, 4, 12, 3, keep)
     assert torch.autograd.gradcheck(
-        lambda *t: feed_forward(*t, hidden_keep, DROPOUT_P, recompute_hidden, backend="torch"), tensors)
+        lambda *t: feed_forward(*t, hidden_keep, DROPOUT_P, recompute_hidden, backend=backend), tensors)
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_non_contiguous_input(backend):
     tensors, hidden_keep = inputs(2, 9, 6, 18, 6, "random")
     x = tensors[0].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     assert not x.is_contiguous()
     expected = value_and_grads("reference", [x, *tensors[1:]], hidden_keep, False)
-    got = value_and_grads("torch", [x, *tensors[1:]], hidden_keep, True)
+    got = value_and_grads(backend, [x, *tensors[1:]], hidden_keep, True)
     for e, o in zip(expected, got):
-        assert relative_error(o, e) <= FLOAT64_TOL
+        assert_close(o, e, rtol=FLOAT64_TOL)
 
 
 def test_keep_scale_is_dropouts():
@@ -75,19 +78,22 @@ def test_keep_scale_is_dropouts():
     x = torch.ones(1, 1, 1, dtype=torch.float64)
     one = torch.ones(1, 1, dtype=torch.float64)
     keep = torch.ones(1, 1, 1, dtype=torch.bool)
-    for backend in ("reference", "torch"):
+    for backend in ("reference",) + FUSED_BACKENDS:
         out = feed_forward(x, one, one, keep, 0.2, backend=backend)
         assert out.item() == pytest.approx(1 / 0.8, rel=1e-15)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ("reference",) + FUSED_BACKENDS)
 def test_bf16_autocast_follows_linear(backend):
+    """Under autocast the op runs in bf16 like nn.Linear: within twice the reference form's own
+    bf16 error against the float64 oracle."""
     tensors, hidden_keep = inputs(2, 7, 8, 24, 8, "random", torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = feed_forward(*tensors, hidden_keep, DROPOUT_P, backend=backend)
     assert out.dtype == torch.bfloat16
-    expected = feed_forward_reference(*(t.detach().bfloat16() for t in tensors), hidden_keep, DROPOUT_P)
-    assert relative_error(out, expected) <= 1e-2
+    reference_bf16 = feed_forward_reference(*(t.detach().bfloat16() for t in tensors), hidden_keep, DROPOUT_P)
+    oracle = feed_forward_reference(*(t.detach().bfloat16().double() for t in tensors), hidden_keep, DROPOUT_P)
+    assert_low_precision_close(out, reference_bf16, oracle, torch.bfloat16)
     out.float().sum().backward()
     assert all(t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in tensors)
 
@@ -119,8 +125,9 @@ def test_saved_bytes():
                                                         backend=backend), excluded=[*tensors, hidden_keep])
 
     assert saved("reference", False) >= 2 * hidden_bytes
-    assert saved("torch", False) == hidden_bytes
-    assert saved("torch", True) == 0
+    for backend in FUSED_BACKENDS:
+        assert saved(backend, False) == hidden_bytes
+        assert saved(backend, True) == 0
 
 
 BAD_INPUTS = [
@@ -136,7 +143,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("name,corrupt", BAD_INPUTS)
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ("reference",) + FUSED_BACKENDS)
 def test_rejects_bad_inputs(backend, name, corrupt):
     (x, w1, w2), keep = inputs(2, 5, 4, 12, 4, "random")
     with pytest.raises(ValueError, match=name):
@@ -151,19 +158,30 @@ def test_rejects_bad_dropout_probability(p):
 
 
 def test_registration():
-    assert set(registry.registered_backends(OP_NAME)) == {"reference", "torch"}
-    assert registry.selected_backend(OP_NAME, "auto", torch.device("cpu")) == "torch"
-    # A model-wide triton or compiled backend runs this op's torch form.
+    assert set(registry.registered_backends(OP_NAME)) == {"reference", "torch", "compiled"}
+    assert registry.selected_backend(OP_NAME, "auto", torch.device("cpu")) == "compiled"
+    # A model-wide triton backend runs this op's torch form (two dense matmuls: cuBLAS's work).
     assert registry.resolve_backend_name(OP_NAME, "triton") == "torch"
-    assert registry.resolve_backend_name(OP_NAME, "compiled") == "torch"
+
+
+def test_compiled_custom_ops_pass_opcheck():
+    (x, w1, w2), keep = inputs(2, 5, 4, 12, 4, "random")
+    for recompute_hidden in (False, True):
+        args = (x, w1, w2, keep, 1 / (1 - DROPOUT_P), recompute_hidden)
+        torch.library.opcheck(torch.ops.ipmt_fast.feed_forward.default, args)
+        out, hidden = torch.ops.ipmt_fast.feed_forward(x.detach(), w1.detach(), w2.detach(), *args[3:])
+        torch.library.opcheck(torch.ops.ipmt_fast.feed_forward_backward.default,
+                              (torch.randn_like(out), x.detach(), w1.detach(), w2.detach(), keep, args[4], hidden))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("recompute_hidden", [False, True])
-def test_cuda_matches_cpu_reference(recompute_hidden):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_cuda_matches_cpu_reference(backend, recompute_hidden):
     tensors, hidden_keep = inputs(2, 37, 16, 48, 16, "random")
     expected = value_and_grads("reference", tensors, hidden_keep, False)
     on_cuda = [t.detach().cuda().requires_grad_() for t in tensors]
-    got = value_and_grads("torch", on_cuda, hidden_keep.cuda(), recompute_hidden)
+    got = value_and_grads(backend, on_cuda, hidden_keep.cuda(), recompute_hidden)
     for e, o in zip(expected, got):
-        assert o.device.type == "cuda" and relative_error(o.cpu(), e) <= FLOAT64_TOL
+        assert o.device.type == "cuda"
+        assert_close(o, e, rtol=FLOAT64_TOL)

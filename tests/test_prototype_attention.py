@@ -94,6 +94,7 @@ def truth(case, dtype):
 
 
 def assert_matches(actual, expected, tolerance, backend=""):
+    """Output and every gradient within ``tolerance`` (relative to each tensor's scale)."""
     out, grads = actual
     want_out, want_grads = expected
     assert_close(out, want_out, rtol=tolerance, name=f"{backend} output")
@@ -103,16 +104,38 @@ def assert_matches(actual, expected, tolerance, backend=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch backend: the fused algebra in plain PyTorch ops, exact in float64.
+# torch and compiled backends: the fused algebra in plain PyTorch ops, and the same algebra as two
+# C++ ops (forward, backward); exact in float64.
+
+ALGEBRA_BACKENDS = ("torch", "compiled")
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("shots", [1, 3])
 @pytest.mark.parametrize("with_keep", [False, True])
-def test_torch_matches_reference_float64(device, mask_kind, rows, shots, with_keep):
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_fused_algebra_matches_reference_float64(backend, device, mask_kind, rows, shots, with_keep):
     case = make_case(rows=rows, shots=shots, mask_kind=mask_kind, with_keep=with_keep, seed=rows * 10 + shots)
-    assert_matches(run("torch", case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE)
+    assert_matches(run(backend, case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE,
+                   backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_fused_algebra_in_float32(backend, device):
+    case = make_case(rows=2, shots=3, with_keep=True, mask_kind="one_row_all_false")
+    assert_matches(run(backend, case, torch.float32, device), truth(case, torch.float32), FLOAT32_TOLERANCE,
+                   backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_fused_algebra_half_inputs(backend, dtype):
+    """Within twice the reference form's own error (in the same dtype) of the float64 oracle."""
+    case = make_case(rows=2, shots=3, with_keep=True)
+    assert_low_precision_matches(run(backend, case, dtype), run("reference", case, dtype), truth(case, dtype), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,20 +149,22 @@ def test_torch_non_contiguous_tokens_and_custom_scale(device):
                                           *[w.to(dev) for w in case["weights"]], attn_keep=case["attn_keep"].to(dev),
                                           scale=scale, backend=backend).cpu()
 
-    assert_close(with_scale("torch", device), with_scale("reference", "cpu"), rtol=FLOAT64_TOLERANCE)
-    assert_matches(run("torch", case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE)
+    for backend in ALGEBRA_BACKENDS:
+        assert_close(with_scale(backend, device), with_scale("reference", "cpu"), rtol=FLOAT64_TOLERANCE)
+        assert_matches(run(backend, case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE)
 
 
 @pytest.mark.parametrize("with_keep", [False, True])
 @pytest.mark.parametrize("mask_kind", ["random", "all_false"])
-def test_torch_gradcheck(with_keep, mask_kind):
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_fused_algebra_gradcheck(backend, with_keep, mask_kind):
     case = make_case(batch=2, rows=2, shots=1, tokens_per_shot=5, channels=4, mask_kind=mask_kind,
                      with_keep=with_keep)
     inputs = [t.clone().requires_grad_() for t in (case["prototype"], case["tokens"], *case["weights"])]
 
     def fn(prototype, tokens, *weights):
         return masked_prototype_attention(prototype, tokens, case["token_mask"], *weights,
-                                          attn_keep=case["attn_keep"], backend="torch")
+                                          attn_keep=case["attn_keep"], backend=backend)
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -178,6 +203,7 @@ ODD_SIZES = [
 @pytest.mark.parametrize("sizes", ODD_SIZES)
 @pytest.mark.parametrize("backend, dtype, device", [
     ("torch", torch.float64, "cpu"),
+    ("compiled", torch.float64, "cpu"),
     pytest.param("triton", torch.float32, "cpu", marks=triton_on_cpu),
     pytest.param("triton", torch.float32, "cuda", marks=needs_cuda),
 ])
@@ -410,3 +436,19 @@ def test_triton_custom_ops_pass_opcheck(device, with_keep):
         torch.library.opcheck(torch.ops.ipmt_fast.triton_softmax_pool_backward.default,
                               (query.detach(), tokens.detach(), mask, keep, scale, pooled, lse,
                                torch.randn_like(pooled), need_grad_tokens), **checks)
+
+
+@pytest.mark.parametrize("with_keep", [False, True], ids=["no-keep", "keep"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_custom_ops_pass_opcheck(device, with_keep):
+    case = make_case(rows=2, shots=2, with_keep=with_keep)
+    leaf = lambda t: t.to(device).requires_grad_()  # noqa: E731
+    keep = None if case["attn_keep"] is None else case["attn_keep"].to(device)
+    args = (leaf(case["prototype"]), leaf(case["tokens"]), case["token_mask"].to(device),
+            *[leaf(w) for w in case["weights"]], keep, CHANNELS ** -0.5, MASKED_LOGIT_BIAS)
+    torch.library.opcheck(torch.ops.ipmt_fast.masked_prototype_attention.default, args)
+    out, *saved = torch.ops.ipmt_fast.masked_prototype_attention(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                                   for a in args])
+    detached = [a.detach() for a in args[:2] + args[3:7]]
+    torch.library.opcheck(torch.ops.ipmt_fast.masked_prototype_attention_backward.default,
+                          (torch.randn_like(out), *detached, keep, CHANNELS ** -0.5, *saved))

@@ -18,7 +18,9 @@ from ipmt_fast.ops.query_activation import (MASK_LOGIT_THRESHOLD, MASK_LOGITS_OP
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-FUSED_BACKENDS = ("torch", "triton")
+FUSED_BACKENDS = ("torch", "compiled", "triton")
+# The fused algebra in PyTorch ops and the same algebra as C++ ops: exact in float64.
+ALGEBRA_BACKENDS = ("torch", "compiled")
 # Relative tolerances (max |error| / max |expected|).
 FLOAT64_TOL = 1e-10
 FLOAT32_TOL = 1e-5
@@ -142,14 +144,22 @@ UPDATE_SHAPES = [(1, 37, 24), (2, 37, 24), (2, 67, 72)]
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
-def test_mask_logits_torch_float64(shape, contiguous):
-    check_mask_logits("torch", shape, torch.float64, FLOAT64_TOL, contiguous=contiguous)
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_mask_logits_fused_algebra_float64(backend, shape, contiguous):
+    check_mask_logits(backend, shape, torch.float64, FLOAT64_TOL, contiguous=contiguous)
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", UPDATE_SHAPES, ids=str)
-def test_query_update_torch_float64(shape, contiguous):
-    check_query_update("torch", shape, torch.float64, FLOAT64_TOL, contiguous=contiguous)
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_query_update_fused_algebra_float64(backend, shape, contiguous):
+    check_query_update(backend, shape, torch.float64, FLOAT64_TOL, contiguous=contiguous)
+
+
+@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+def test_fused_algebra_float32(backend):
+    check_mask_logits(backend, (2, 2, 67, 72), torch.float32, FLOAT32_TOL)
+    check_query_update(backend, (2, 67, 72), torch.float32, FLOAT32_TOL)
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
@@ -298,7 +308,7 @@ def test_query_update_rejects_bad_inputs(backend, name, corrupt):
 def test_registration():
     for op in (MASK_LOGITS_OP, QUERY_UPDATE_OP):
         assert set(FUSED_BACKENDS) <= set(registry.registered_backends(op))
-        assert registry.selected_backend(op, "auto", torch.device("cpu")) == "torch"
+        assert registry.selected_backend(op, "auto", torch.device("cpu")) == "compiled"
 
 
 # Compiles every kernel for a GPU target (no GPU needed: Triton's own ptxas), in a process where
@@ -438,3 +448,16 @@ def test_triton_custom_ops_pass_opcheck(device):
     out = torch.ops.ipmt_fast.triton_bias_relu_matmul(*[a.detach() for a in args])
     torch.library.opcheck(torch.ops.ipmt_fast.triton_relu_grad_matmul.default,
                           (torch.randn_like(out), out, args[1].detach()), **checks)
+
+
+def test_compiled_custom_ops_pass_opcheck():
+    embedding, tokens = leaves(*mask_logits_inputs(2, 2, 37, 24, torch.float64))
+    threshold = mask_logit_threshold(torch.float64)
+    torch.library.opcheck(torch.ops.ipmt_fast.prototype_mask_logits.default, (embedding, tokens, threshold))
+    torch.library.opcheck(torch.ops.ipmt_fast.prototype_mask_logits_backward.default,
+                          (torch.randn(2, 2, 37, dtype=torch.float64), embedding.detach(), tokens.detach()))
+    query, prototype, weight = leaves(*query_update_inputs(2, 37, 24, torch.float64))
+    torch.library.opcheck(torch.ops.ipmt_fast.prototype_query_update.default, (query, prototype, weight))
+    out = torch.ops.ipmt_fast.prototype_query_update(query.detach(), prototype.detach(), weight.detach())
+    torch.library.opcheck(torch.ops.ipmt_fast.prototype_query_update_backward.default,
+                          (torch.randn_like(out), out, query.detach(), prototype.detach(), weight.detach()))

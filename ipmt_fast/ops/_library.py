@@ -99,3 +99,13 @@ def register_autocast(qualname: str, policy: str) -> None:
             op.py_kernels.pop(dispatch_key, None)
         op.py_impl(dispatch_key)(run)
         LIBRARY.impl(name, lambda _keyset, *args, _run=run: _run(*args), autocast_key, with_keyset=True)
+
+
+def register_compiled_op(name: str, fake, backward_fake, backward, setup_context, autocast_policy: str) -> None:
+    """Python-side registrations of a C++ op ``ipmt_fast::name`` and its ``name_backward`` (call
+    once the library is loaded, see ``extension.on_load``): fake (shape-only) implementations of
+    both, autograd of the forward through ``backward``, and the autocast rule of both."""
+    for qualname, fake_impl in ((qualified_name(name), fake), (qualified_name(f"{name}_backward"), backward_fake)):
+        torch.library.register_fake(qualname, fake_impl, lib=LIBRARY)
+        register_autocast(qualname, autocast_policy)
+    torch.library.register_autograd(qualified_name(name), backward, setup_context=setup_context, lib=LIBRARY)

@@ -50,11 +50,9 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_tensor
-from ._library import LIBRARY, follows_autocast, qualified_name, register_autocast
+from ._library import follows_autocast, qualified_name, register_autocast, register_compiled_op
 
 OP_NAME = "ms_deform_sample"
-COMPILED_OP = qualified_name("ms_deform_sample")
-COMPILED_BACKWARD_OP = qualified_name("ms_deform_sample_backward")
 TRITON_OP = qualified_name("triton_ms_deform_sample")
 TRITON_BACKWARD_OP = qualified_name("triton_ms_deform_sample_backward")
 # Levels the kernel-backed backends take (the C++ kMaxLevels, the Triton MAX_LEVELS).
@@ -280,17 +278,9 @@ register_autocast(TRITON_OP, "float32")
 register_autocast(TRITON_BACKWARD_OP, "float32")
 
 
-def _register_compiled_ops() -> None:
-    """Python-side registrations of the C++ ops (called once the library is loaded)."""
-    torch.library.register_fake(COMPILED_OP, _fake_forward, lib=LIBRARY)
-    torch.library.register_fake(COMPILED_BACKWARD_OP, _fake_backward, lib=LIBRARY)
-    torch.library.register_autograd(COMPILED_OP, _autograd_backward(torch.ops.ipmt_fast.ms_deform_sample_backward),
-                                    setup_context=_setup_context, lib=LIBRARY)
-    register_autocast(COMPILED_OP, "float32")
-    register_autocast(COMPILED_BACKWARD_OP, "float32")
-
-
-extension.on_load(_register_compiled_ops)
+extension.on_load(lambda: register_compiled_op(
+    OP_NAME, _fake_forward, _fake_backward, _autograd_backward(torch.ops.ipmt_fast.ms_deform_sample_backward),
+    _setup_context, "float32"))
 
 
 def _kernel_backend(custom_op):

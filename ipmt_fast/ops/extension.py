@@ -27,7 +27,7 @@ import torch
 EXTENSION_NAME = "ipmt_fast_ops"
 # The operator namespace the library registers (``torch.ops.ipmt_fast``).
 NAMESPACE = "ipmt_fast"
-CPU_SOURCES = ("ops.cpp", "ms_deform_sample_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "ms_deform_sample_cpu.cpp", "fused_ops.cpp")
 CUDA_SOURCES = ("ms_deform_sample_cuda.cu", "ms_deform_sample_cuda_ops.cpp")
 HEADERS = ("ms_deform_sample.h", "ms_deform_sample_binding.h", "ms_deform_sample_cuda.h")
 # -ffp-contract=off: a product and a sum stay two roundings unless the code asks for a fused

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import registry
+from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import follows_autocast
+from ._library import follows_autocast, register_compiled_op
 
 OP_NAME = "feed_forward"
 
@@ -98,8 +98,46 @@ def feed_forward_torch(x, hidden_weight, output_weight, hidden_keep=None, dropou
     return _FeedForward.apply(x, hidden_weight, output_weight, hidden_keep, keep_scale, recompute_hidden)
 
 
+def _compiled_fake(x, hidden_weight, output_weight, hidden_keep, keep_scale, recompute_hidden):
+    hidden_shape = (*x.shape[:-1], hidden_weight.shape[0])
+    return x.new_empty(*x.shape[:-1], output_weight.shape[0]), x.new_empty(0 if recompute_hidden else hidden_shape)
+
+
+def _compiled_backward_fake(grad_out, x, hidden_weight, output_weight, hidden_keep, keep_scale, hidden):
+    return torch.empty_like(x), torch.empty_like(hidden_weight), torch.empty_like(output_weight)
+
+
+def _compiled_setup(ctx, inputs, output):
+    x, hidden_weight, output_weight, hidden_keep, keep_scale, _ = inputs
+    ctx.save_for_backward(x, hidden_weight, output_weight, hidden_keep, output[1])
+    ctx.keep_scale = keep_scale
+    ctx.mark_non_differentiable(output[1])  # the saved hidden activation
+    ctx.set_materialize_grads(False)
+
+
+def _compiled_backward(ctx, grad_out, _grad_hidden):
+    if grad_out is None:  # grads are not materialised: the output took no part in the loss
+        return (None,) * 6
+    x, hidden_weight, output_weight, hidden_keep, hidden = ctx.saved_tensors
+    grads = torch.ops.ipmt_fast.feed_forward_backward(grad_out.contiguous(), x, hidden_weight, output_weight,
+                                                      hidden_keep, ctx.keep_scale, hidden)
+    return (*grads, None, None, None)
+
+
+extension.on_load(lambda: register_compiled_op(OP_NAME, _compiled_fake, _compiled_backward_fake, _compiled_backward,
+                                               _compiled_setup, "lower_precision"))
+
+
+def feed_forward_compiled(x, hidden_weight, output_weight, hidden_keep=None, dropout_p=0.0, recompute_hidden=False):
+    """The torch form's forward and backward, each one C++ op (``csrc/fused_ops.cpp``)."""
+    keep_scale = _keep_scale(dropout_p) if hidden_keep is not None else 1.0
+    return torch.ops.ipmt_fast.feed_forward(x, hidden_weight, output_weight, hidden_keep, keep_scale,
+                                            recompute_hidden)[0]
+
+
 registry.register(OP_NAME, "reference", feed_forward_reference)
 registry.register(OP_NAME, "torch", feed_forward_torch)
+registry.register(OP_NAME, "compiled", feed_forward_compiled, availability=extension.unavailable_reason)
 
 
 @follows_autocast("lower_precision")

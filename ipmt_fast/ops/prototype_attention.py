@@ -38,9 +38,9 @@ from typing import Optional, Tuple
 import torch
 from torch.library import triton_op
 
-from . import registry
+from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import follows_autocast, qualified_name, register_autocast
+from ._library import follows_autocast, qualified_name, register_autocast, register_compiled_op
 
 OP_NAME = "masked_prototype_attention"
 
@@ -144,11 +144,15 @@ def _softmax_pool_setup(ctx, inputs, output):
     pooled, lse = output
     ctx.save_for_backward(query_key, tokens, token_mask, attn_keep, pooled, lse)
     ctx.scale = scale
+    ctx.mark_non_differentiable(lse)  # saved for backward, never differentiated
+    ctx.set_materialize_grads(False)
 
 
 def _softmax_pool_autograd(ctx, grad_pooled, _grad_lse):
     """Gradients for ``query_key`` and ``tokens`` only: ``token_mask`` is boolean and
     ``attn_keep`` a sampled mask."""
+    if grad_pooled is None:  # grads are not materialised: the output took no part in the loss
+        return (None,) * 5
     query_key, tokens, token_mask, attn_keep, pooled, lse = ctx.saved_tensors
     need_grad_tokens = ctx.needs_input_grad[1]
     grad_query_key, grad_tokens = triton_softmax_pool_backward(
@@ -172,7 +176,57 @@ def masked_prototype_attention_triton(prototype, tokens, token_mask, q_weight, k
                                       v_weight, proj_weight, attn_keep, scale)
 
 
+# ---------------------------------------------------------------------------------------------
+# compiled backend: the torch form's forward and its backward as two C++ ops (csrc/fused_ops.cpp)
+# ---------------------------------------------------------------------------------------------
+
+def _compiled_fake(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale,
+                   masked_bias):
+    b, m, c = prototype.shape
+    rows = [prototype.new_empty(b, m, c) for _ in range(5)]
+    return rows[0], rows[1], rows[2], prototype.new_empty(b, tokens.shape[1], m), rows[3], rows[4]
+
+
+def _compiled_backward_fake(grad_out, prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale,
+                            query, query_key, attention, pooled, value):
+    return tuple(torch.empty_like(t) for t in (prototype, tokens, q_weight, k_weight, v_weight, proj_weight))
+
+
+def _compiled_setup(ctx, inputs, output):
+    prototype, tokens, _, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale, _ = inputs
+    ctx.save_for_backward(prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, *output[1:])
+    ctx.scale = scale
+    # The outputs after the first are saved intermediates, never differentiated.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _compiled_backward(ctx, grad_out, *_unused_output_grads):
+    if grad_out is None:  # grads are not materialised: the output took no part in the loss
+        return (None,) * 10
+    prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, *saved = ctx.saved_tensors
+    grads = torch.ops.ipmt_fast.masked_prototype_attention_backward(
+        grad_out.contiguous(), prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, ctx.scale,
+        *saved)
+    grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj = grads
+    return grad_prototype, grad_tokens, None, grad_q, grad_k, grad_v, grad_proj, None, None, None
+
+
+extension.on_load(lambda: register_compiled_op(OP_NAME, _compiled_fake, _compiled_backward_fake, _compiled_backward,
+                                               _compiled_setup, "lower_precision"))
+
+
+def masked_prototype_attention_compiled(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight,
+                                        attn_keep=None, scale=None):
+    """The torch form's algebra, forward and backward each one C++ op (``csrc/fused_ops.cpp``)."""
+    scale = prototype.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.ipmt_fast.masked_prototype_attention(prototype, tokens, token_mask, q_weight, k_weight, v_weight,
+                                                          proj_weight, attn_keep, scale, MASKED_LOGIT_BIAS)[0]
+
+
 registry.register(OP_NAME, "torch", masked_prototype_attention_torch, devices=("cpu", "cuda"))
+registry.register(OP_NAME, "compiled", masked_prototype_attention_compiled, devices=("cpu", "cuda"),
+                  availability=extension.unavailable_reason)
 registry.register(OP_NAME, "triton", masked_prototype_attention_triton, devices=("cpu", "cuda"),
                   availability=registry.triton_availability)
 

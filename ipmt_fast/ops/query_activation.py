@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op
 
-from . import registry
+from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import follows_autocast, qualified_name, register_autocast
+from ._library import follows_autocast, qualified_name, register_autocast, register_compiled_op
 
 MASK_LOGITS_OP = "prototype_mask_logits"
 QUERY_UPDATE_OP = "prototype_query_update"
@@ -208,6 +208,59 @@ def prototype_query_update_triton(query, prototype, weight):
     return triton_bias_relu_matmul(query, query_weight, bias)
 
 
+# ----------------------------------------------------------------------------------------------
+# compiled backend: the torch forms' forwards and backwards as C++ ops (csrc/fused_ops.cpp)
+# ----------------------------------------------------------------------------------------------
+
+def _mask_logits_compiled_fake(embedding, tokens, threshold):
+    return _mask_logits_fake(embedding, tokens)
+
+
+def _mask_logits_compiled_backward(ctx, grad_logits, _grad_next_mask):
+    embedding, tokens = ctx.saved_tensors
+    return (*torch.ops.ipmt_fast.prototype_mask_logits_backward(grad_logits.contiguous(), embedding, tokens), None)
+
+
+def _mask_logits_compiled_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])
+
+
+def _query_update_compiled_fake(query, prototype, weight):
+    return torch.empty_like(query)
+
+
+def _query_update_compiled_backward_fake(grad_out, output, query, prototype, weight):
+    return torch.empty_like(query), torch.empty_like(prototype), torch.empty_like(weight)
+
+
+def _query_update_compiled_setup(ctx, inputs, output):
+    ctx.save_for_backward(output, *inputs)
+
+
+def _query_update_compiled_backward(ctx, grad_out):
+    return torch.ops.ipmt_fast.prototype_query_update_backward(grad_out.contiguous(), *ctx.saved_tensors)
+
+
+def _register_compiled_ops():
+    register_compiled_op(MASK_LOGITS_OP, _mask_logits_compiled_fake, _mask_logits_backward_fake,
+                         _mask_logits_compiled_backward, _mask_logits_compiled_setup, "lower_precision")
+    register_compiled_op(QUERY_UPDATE_OP, _query_update_compiled_fake, _query_update_compiled_backward_fake,
+                         _query_update_compiled_backward, _query_update_compiled_setup, "lower_precision")
+
+
+extension.on_load(_register_compiled_ops)
+
+
+def prototype_mask_logits_compiled(embedding, tokens):
+    """One C++ op each way (``csrc/fused_ops.cpp``): the batched matmul and the exact threshold."""
+    return torch.ops.ipmt_fast.prototype_mask_logits(embedding, tokens, mask_logit_threshold(embedding.dtype))
+
+
+def prototype_query_update_compiled(query, prototype, weight):
+    """One C++ op each way (``csrc/fused_ops.cpp``): ``ReLU(Q Wq^T + P Wp^T)`` without the concat."""
+    return torch.ops.ipmt_fast.prototype_query_update(query, prototype, weight)
+
+
 registry.register(MASK_LOGITS_OP, "reference", prototype_mask_logits_reference)
 registry.register(QUERY_UPDATE_OP, "reference", prototype_query_update_reference)
 registry.register(MASK_LOGITS_OP, "torch", prototype_mask_logits_torch, devices=("cpu", "cuda"))
@@ -216,6 +269,9 @@ registry.register(MASK_LOGITS_OP, "triton", prototype_mask_logits_triton, device
                   availability=registry.triton_availability)
 registry.register(QUERY_UPDATE_OP, "triton", prototype_query_update_triton, devices=("cpu", "cuda"),
                   availability=registry.triton_availability)
+registry.register(MASK_LOGITS_OP, "compiled", prototype_mask_logits_compiled, availability=extension.unavailable_reason)
+registry.register(QUERY_UPDATE_OP, "compiled", prototype_query_update_compiled,
+                  availability=extension.unavailable_reason)
 
 
 @follows_autocast("lower_precision")

@@ -11,7 +11,10 @@ Every hot path of IPMT is an *op* (``masked_prototype_attention``, ``prototype_m
     Triton kernels (``ipmt_fast.kernels``). On CUDA tensors, or on the CPU when the
     ``TRITON_INTERPRET=1`` environment variable was set before ``triton`` was imported.
 ``compiled``
-    The C++ (CPU, OpenMP) / CUDA sources in ``csrc/``, built on first use with ninja.
+    The C++ (CPU, OpenMP) / CUDA sources in ``csrc/``, built on first use with ninja: the
+    deformable sampling's own kernels, and every other op's forward and backward as one
+    dispatcher call each (its torch form's algebra written against ATen), so the host issues a
+    fraction of the ops.
 
 A backend asked for by name fails loudly when it cannot serve the tensors it is given.
 ``auto`` walks a per-device preference list and takes the first backend that is registered for
@@ -19,9 +22,9 @@ the op and available; when a preferred backend fails to *become* available (e.g.
 cannot build) it warns once and falls back to the next one.
 
 A model-wide backend name is applied per op by :func:`resolve_backend_name`: an op that has no
-implementation of that name uses the ``torch`` fused form instead (e.g. ``compiled`` exists only
-for ``ms_deform_sample``, ``triton`` for all but ``feed_forward``), so ``IPMT(backend="compiled")``
-is meaningful for the whole model.
+implementation of that name uses the ``torch`` fused form instead (``triton`` exists for all but
+``feed_forward``, whose two dense matmuls are cuBLAS / oneDNN work already), so
+``IPMT(backend="triton")`` is meaningful for the whole model.
 """
 from __future__ import annotations
 
@@ -35,11 +38,12 @@ import torch
 BACKENDS = ("reference", "torch", "triton", "compiled")
 
 # What `auto` tries, in order, per device type, chosen by measurement (NOTES.md,
-# benches/results/): on an H100 at IPMT's sizes the model is bound by kernel-launch overhead, and
+# benches/results/): on an H100 at IPMT's sizes the model is bound by the host issuing ops, and
 # the compiled CUDA deformable sampling plus the fused torch forms of the other ops (fewest
-# launches) ran fastest: 1.44x the reference at B=16, while the Triton kernels' extra launches
-# cost more than they saved there. On the CPU the compiled extension avoids the reference's large
-# intermediates without Python overhead. The Triton kernels stay available by name.
+# launches then) ran fastest: 1.44x the reference at B=16, while the Triton kernels' extra
+# launches cost more than they saved there; the compiled forms of the other ops issue fewer ops
+# still. On the CPU the compiled extension avoids the reference's large intermediates without
+# Python overhead. The Triton kernels stay available by name.
 AUTO_PREFERENCE = {
     "cuda": ("compiled", "torch", "triton", "reference"),
     "cpu": ("compiled", "torch", "reference"),
@@ -139,7 +143,8 @@ def resolve(op: str, backend: str, device_type: str) -> str:
 
 def get_implementation(op: str, backend: str, device: torch.device) -> Callable:
     """The function that runs ``op`` with ``backend`` on tensors of ``device``."""
-    return _REGISTRY[op][resolve(op, backend, torch.device(device).type)].fn
+    name = resolve(op, backend, torch.device(device).type)  # first: it names an unknown op
+    return _REGISTRY[op][name].fn
 
 
 def selected_backend(op: str, backend: str, device) -> str:
