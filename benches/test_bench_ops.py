@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ipmt_fast.ops import registry
+from tests.compare import assert_close
 
 from . import ops as bench_ops
 from .common import synchronize
@@ -52,7 +53,7 @@ def test_op(benchmark, op, variant, mode):
     with torch.no_grad():
         expected = bench_ops._first(case.reference(*inputs.args))
         got = bench_ops._first(fn(*inputs.args))
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert_close(got, expected, rtol=RTOL, atol=ATOL, name=f"{op} {variant}")
 
     def call():
         bench_ops.run_once(fn, inputs, mode)

@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.multiprocessing as mp
+from compare import assert_close
 
 import ipmt_fast
 from ipmt_fast.train.config import make_config
@@ -60,13 +61,12 @@ def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path, mo
     assert ranks[0]["grads"].keys() == single["grads"].keys() == ranks[1]["grads"].keys()
     for name, grad in single["grads"].items():
         # DDP averages the ranks' gradients: every rank holds the combined-batch gradient.
-        torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name], rtol=0, atol=0)
-        torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-9, atol=1e-12 * grad.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+        assert_close(ranks[0]["grads"][name], grad, rtol=1e-9, name=f"gradient of {name}")
     for name, weight in single["weights"].items():
-        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-9, atol=1e-12)
+        assert_close(ranks[0]["weights"][name], weight, rtol=1e-9, name=name)
     # Each rank's loss is its half of the batch; their mean is the single process's loss.
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, single["loss"], rtol=1e-12, atol=0)
+    assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, single["loss"], rtol=1e-12, name="loss")
 
 
 def test_torchrun_trains_and_evaluates_like_one_process(tmp_path):
