@@ -442,13 +442,14 @@ NON_KERNEL_PREFIXES = ("Memcpy", "Memset")
 
 def count_dispatches(fn: Callable[[], object]) -> dict:
     """Run ``fn`` once under :class:`ipmt_fast.instrument.DispatchCounter`: ``ops`` (every op it
-    dispatched, forward and backward) and ``host_syncs`` (how many of them read device values on
-    the host or moved data between host and device)."""
+    dispatched from Python and autograd, forward and backward; an ``ipmt_fast`` custom op counts
+    once), ``inner_ops`` (the ATen calls those custom ops made, from C++ or Python) and
+    ``host_syncs`` (how many read device values on the host or moved data between host and device)."""
     from ipmt_fast.instrument import DispatchCounter
 
-    with DispatchCounter() as counter:
+    with DispatchCounter(inside_custom_ops=True) as counter:
         fn()
-    return {"ops": counter.total, "host_syncs": len(counter.host_syncs)}
+    return {"ops": counter.total, "inner_ops": counter.inner_total, "host_syncs": len(counter.host_syncs)}
 
 
 def count_cuda_kernels(fn: Callable[[], object], device: torch.device) -> Optional[int]:

@@ -405,6 +405,7 @@ def per_layer_rows(rows: List[dict]) -> List[dict]:
                         saved_bytes_per_layer=common.linear_slope(ls, [r.get("saved_bytes") for r in members]),
                         peak_bytes_per_layer=common.linear_slope(ls, [r.get("peak_bytes") for r in members]),
                         ops_per_layer=common.linear_slope(ls, [r.get("ops") for r in members]),
+                        inner_ops_per_layer=common.linear_slope(ls, [r.get("inner_ops") for r in members]),
                         kernels_per_layer=common.linear_slope(ls, [r.get("cuda_kernels") for r in members])))
     return out
 
@@ -446,7 +447,8 @@ TABLE_COLUMNS = [
     ("saved MiB", lambda r: common.fmt_mib(r.get("saved_bytes"))),
     ("peak MiB", lambda r: common.fmt_mib(r.get("peak_bytes"))),
     ("peak RSS MiB", lambda r: common.fmt_mib(r.get("peak_rss_bytes"))),
-    ("ops", lambda r: common.fmt_count(r.get("ops"))), ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
+    ("ops", lambda r: common.fmt_count(r.get("ops"))), ("in custom ops", lambda r: common.fmt_count(r.get("inner_ops"))),
+    ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
     ("kernels", lambda r: common.fmt_count(r.get("cuda_kernels"))),
 ]
 SLOPE_COLUMNS = [
@@ -455,6 +457,7 @@ SLOPE_COLUMNS = [
     ("saved MiB/layer", lambda r: common.fmt_mib(r["saved_bytes_per_layer"])),
     ("peak MiB/layer", lambda r: common.fmt_mib(r["peak_bytes_per_layer"])),
     ("ops/layer", lambda r: common.fmt_count(r["ops_per_layer"])),
+    ("in custom ops/layer", lambda r: common.fmt_count(r.get("inner_ops_per_layer"))),
     ("kernels/layer", lambda r: common.fmt_count(r["kernels_per_layer"])),
 ]
 RATIO_COLUMNS = [

@@ -147,7 +147,7 @@ def host_work_rows(layer_runs: List[dict]) -> List[dict]:
             ref = refs.get((s["bench"], s["dtype"]), {})
             row = dict(run=run["tag"], bench=s["bench"], dtype=s["dtype"], variant=s["variant"],
                        layers=s["layer_counts"])
-            for kind in ("ops", "kernels"):
+            for kind in ("ops", "inner_ops", "kernels"):
                 value, base = s.get(f"{kind}_per_layer"), ref.get(f"{kind}_per_layer")
                 row[f"{kind}_per_layer"] = value
                 row[f"{kind}_ratio"] = value / base if value is not None and base else None
@@ -194,12 +194,14 @@ def main(argv=None) -> None:
             ("peak f/r", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}")]))
     work = host_work_rows(layer_runs)
     if work:
-        print("\n# host work per layer (slope over L): ops dispatched, CUDA kernels launched; /ref = the "
+        print("\n# host work per layer (slope over L): ops dispatched from Python and autograd (an ipmt_fast "
+              "custom op once), the ATen calls made inside those custom ops, CUDA kernels launched; /ref = the "
               "variant's slope over the reference's")
         print(common.format_table(work, [
             ("run", "run"), ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layers"),
             ("ops/layer", lambda r: common.fmt_count(r["ops_per_layer"])),
             ("ops /ref", lambda r: common.fmt_fraction(r["ops_ratio"])),
+            ("+ in custom ops/layer", lambda r: common.fmt_count(r["inner_ops_per_layer"])),
             ("kernels/layer", lambda r: common.fmt_count(r["kernels_per_layer"])),
             ("kernels /ref", lambda r: common.fmt_fraction(r["kernels_ratio"]))]))
     op_summary = [s for run in op_runs for s in run.get("summary", [])]

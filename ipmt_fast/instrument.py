@@ -7,8 +7,10 @@ host and cannot be captured in a CUDA graph.
 
 :class:`DispatchCounter` is a ``TorchDispatchMode`` that counts every op reaching the dispatcher
 below autograd (forward and backward alike, views included), by name, and records the host syncs
-and host<->device copies among them. A custom op (``ipmt_fast::...``) counts once: what its
-implementation runs inside is its own business (one kernel launch, or a few).
+and host<->device copies among them. A custom op (``ipmt_fast::...``) counts once in ``ops``;
+with ``inside_custom_ops=True`` the ATen calls its implementation makes (from C++ or Python) are
+counted too, in ``inner_ops``, so both the dispatches issued from Python and autograd and the
+ATen calls behind them can be reported.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ HOST_SYNC_OPS = frozenset({
 # A tensor built from Python data (``torch.tensor(...)``) inside the counted region: on a GPU a
 # host-to-device copy.
 TENSOR_FROM_HOST_DATA_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
+# The namespace of the project's custom ops.
+CUSTOM_OP_NAMESPACE = "ipmt_fast"
 # Tensor methods that read a CPU tensor's values without dispatching any op (on a GPU tensor they
 # dispatch a device-to-host copy first); the counter records their calls by wrapping them.
 HOST_READ_METHODS = ("tolist", "numpy")
@@ -54,18 +58,26 @@ class DispatchCounter(TorchDispatchMode):
             loss = model(...); loss.backward()
         counter.total, counter.ops.most_common(10), counter.host_syncs
 
+    Args:
+        inside_custom_ops: also count, in ``inner_ops``, the ATen calls made inside ``ipmt_fast``
+            custom ops (run below the dispatcher's Python key with this counter active).
+
     Attributes:
         ops: ``Counter`` of op names (``aten::mm``, ``ipmt_fast::ms_deform_sample``...).
+        inner_ops: ``Counter`` of the ops dispatched inside custom ops (``inside_custom_ops``).
         host_syncs: names of the ops that read device values on the host or moved data between
             the host and a device (``HOST_SYNC_OPS``, ``TENSOR_FROM_HOST_DATA_OPS``, any op whose
             tensor arguments and results sit on different devices, and the ``HOST_READ_METHODS``
             called), in call order.
     """
 
-    def __init__(self):
+    def __init__(self, inside_custom_ops: bool = False):
         super().__init__()
         self.ops: Counter = Counter()
+        self.inner_ops: Counter = Counter()
         self.host_syncs: List[str] = []
+        self._inside_custom_ops = inside_custom_ops
+        self._custom_op_depth = 0
         self._saved_methods = {}
 
     def __enter__(self):
@@ -86,16 +98,35 @@ class DispatchCounter(TorchDispatchMode):
         self._saved_methods.clear()
         return super().__exit__(*exc)
 
+    def _run_counting_inside(self, func, args, kwargs):
+        """Run a custom op's device kernel with this counter active, so the ops it dispatches are counted."""
+        device = next(d for d in _devices(list(args) + list(kwargs.values())))
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU)
+        self._custom_op_depth += 1
+        try:
+            with self:
+                return func.redispatch(keys, *args, **kwargs)
+        finally:
+            self._custom_op_depth -= 1
+
     @property
     def total(self) -> int:
-        """Every op counted."""
+        """Every op dispatched outside custom ops (custom ops included, once each)."""
         return sum(self.ops.values())
+
+    @property
+    def inner_total(self) -> int:
+        """Every op dispatched inside custom ops (``inside_custom_ops=True``)."""
+        return sum(self.inner_ops.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        self.ops[name] += 1
-        out = func(*args, **kwargs)
+        (self.inner_ops if self._custom_op_depth else self.ops)[name] += 1
+        if self._inside_custom_ops and name.startswith(CUSTOM_OP_NAMESPACE + "::"):
+            out = self._run_counting_inside(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         if name in HOST_SYNC_OPS or name in TENSOR_FROM_HOST_DATA_OPS:
             self.host_syncs.append(name)
         else:

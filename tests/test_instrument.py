@@ -24,3 +24,23 @@ def test_flags_item_nonzero_and_tensors_from_python_data():
         x.tolist()  # dispatches nothing on the CPU: recorded by the wrapped method
     assert counter.host_syncs == ["aten::_local_scalar_dense", "aten::nonzero", "aten::lift_fresh", "Tensor.tolist"]
     assert torch.Tensor.tolist(x) == [0.0, 1.0, 2.0] and "recorded" not in torch.Tensor.tolist.__name__
+
+
+def test_counts_inside_custom_ops_on_request():
+    from ipmt_fast.ops import feed_forward
+
+    x, w1, w2 = (torch.randn(*shape, requires_grad=True) for shape in ((1, 5, 4), (12, 4), (4, 12)))
+    feed_forward(x, w1, w2, backend="compiled")  # builds the extension
+
+    def step():
+        for t in (x, w1, w2):
+            t.grad = None
+        feed_forward(x, w1, w2, backend="compiled").sum().backward()
+
+    with DispatchCounter() as outside:
+        step()
+    with DispatchCounter(inside_custom_ops=True) as inside:
+        step()
+    assert outside.ops == inside.ops and outside.inner_total == 0
+    assert outside.ops["ipmt_fast::feed_forward"] == outside.ops["ipmt_fast::feed_forward_backward"] == 1
+    assert inside.inner_ops["aten::mm"] >= 4  # the backward's matmuls, issued from C++
