@@ -246,10 +246,11 @@ class TransformerBench:
         return CapturedRun(self.runner(variant, dtype_name, cache_enabled=False))
 
     def compiled(self, backend: str, mode: Optional[str]) -> torch.nn.Module:
-        """``torch.compile`` of a copy of the transformer configured as ``backend``."""
+        """``torch.compile`` of a copy of the transformer configured as ``backend``, as one graph
+        (``fullgraph``: the transformer has no graph break, tests/test_compile.py)."""
         clone = copy.deepcopy(self.model)
         configure(clone, backend)
-        return torch.compile(clone, mode=mode, fullgraph=False)
+        return torch.compile(clone, mode=mode, fullgraph=True)
 
 
 class StepBench:

@@ -129,8 +129,10 @@ stage transformer-compile "$T_COMPILE" $PY -m benches.layers --bench transformer
 
 # 7. The other CUDA equivalence tests (every test or parameter named 'cuda'). The files whose CUDA
 #    tests have not all passed on a GPU yet go first (query activation, the full model, the FFN:
-#    the 2026-11-27 H100 run stopped inside the first), then the rest.
-FIRST_TESTS="tests/test_query_activation.py tests/test_model_backends.py tests/test_ffn.py"
+#    the 2026-11-27 H100 run stopped inside the first; the deformable sampling's kink exactness
+#    and the mask threshold on CUDA, new since), then the rest (torch.compile with Inductor on CUDA,
+#    opcheck of every custom op on CUDA).
+FIRST_TESTS="tests/test_query_activation.py tests/test_deform_sample.py tests/test_model_backends.py tests/test_ffn.py"
 stage tests-cuda-first "$T_TESTS" $PY -m pytest $FIRST_TESTS -q -k cuda -p no:cacheprovider --maxfail=20 -rfE $XDIST
 stage tests-cuda "$T_TESTS" $PY -m pytest tests -q -k cuda -p no:cacheprovider --maxfail=20 -rfE $XDIST \
     $(for f in $FIRST_TESTS $GRAPH_TESTS; do printf -- '--ignore=%s ' "$f"; done)
