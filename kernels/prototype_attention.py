@@ -393,9 +393,10 @@ def softmax_pool_backward(query: torch.Tensor, tokens: torch.Tensor, token_mask:
     several_row_passes = rows > split.block_m
     grad_tokens = None
     if need_grad_tokens:
-        # Row passes after the first accumulate into dT: keep that sum in fp32.
-        grad_tokens = (torch.empty(tokens.shape, device=tokens.device, dtype=torch.float32)
-                       if several_row_passes else torch.empty_like(tokens))
+        # Row passes after the first accumulate into dT: keep that sum in fp32. Contiguous either
+        # way (whatever the tokens' strides), as the op's fake implementation declares.
+        grad_tokens = torch.empty(tokens.shape, device=tokens.device,
+                                  dtype=torch.float32 if several_row_passes else tokens.dtype)
     grad_query_part = torch.empty(batch, split.num_splits, rows, channels, device=tokens.device,
                                   dtype=torch.float32)
     mask = token_mask.view(torch.uint8)

@@ -164,8 +164,11 @@ def test_registration():
     assert registry.resolve_backend_name(OP_NAME, "triton") == "torch"
 
 
-def test_compiled_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_compiled_custom_ops_pass_opcheck(contiguous, compiled_extension):
     (x, w1, w2), keep = inputs(2, 5, 4, 12, 4, "random")
+    if not contiguous:
+        x = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     for recompute_hidden in (False, True):
         args = (x, w1, w2, keep, 1 / (1 - DROPOUT_P), recompute_hidden)
         torch.library.opcheck(torch.ops.ipmt_fast.feed_forward.default, args)

@@ -423,7 +423,7 @@ INTERPRETER_OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_custom_ops_pass_opcheck(device, with_keep):
     checks = {"test_utils": INTERPRETER_OPCHECK_TESTS} if device == "cpu" else {}
-    case = make_case(rows=2, shots=2, with_keep=with_keep)
+    case = make_case(rows=2, shots=2, with_keep=with_keep, transposed_tokens=True)
     query = case["prototype"].to(device, torch.float32).requires_grad_()
     tokens = case["tokens"].to(device, torch.float32).requires_grad_()
     mask = case["token_mask"].to(device)
@@ -440,8 +440,9 @@ def test_triton_custom_ops_pass_opcheck(device, with_keep):
 
 @pytest.mark.parametrize("with_keep", [False, True], ids=["no-keep", "keep"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_custom_ops_pass_opcheck(device, with_keep):
-    case = make_case(rows=2, shots=2, with_keep=with_keep)
+def test_compiled_custom_ops_pass_opcheck(device, with_keep, compiled_extension):
+    """Transposed tokens (as IPMT flattens its maps): the fakes declare contiguous results."""
+    case = make_case(rows=2, shots=2, with_keep=with_keep, transposed_tokens=True)
     leaf = lambda t: t.to(device).requires_grad_()  # noqa: E731
     keep = None if case["attn_keep"] is None else case["attn_keep"].to(device)
     args = (leaf(case["prototype"]), leaf(case["tokens"]), case["token_mask"].to(device),

@@ -432,11 +432,12 @@ def test_cuda_mask_threshold_constant_is_torch_sigmoids_boundary(dtype):
 INTERPRETER_OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
-def test_triton_custom_ops_pass_opcheck(device):
+def test_triton_custom_ops_pass_opcheck(device, contiguous):
     test_utils = INTERPRETER_OPCHECK_TESTS if device == "cpu" else None
     checks = {} if test_utils is None else {"test_utils": test_utils}
-    embedding, tokens = leaves(*mask_logits_inputs(2, 2, 37, 24, torch.float32, device))
+    embedding, tokens = leaves(*mask_logits_inputs(2, 2, 37, 24, torch.float32, device), contiguous=contiguous)
     torch.library.opcheck(torch.ops.ipmt_fast.triton_mask_logits.default, (embedding, tokens), **checks)
     grad = torch.randn(2, 2, 37, device=device)
     torch.library.opcheck(torch.ops.ipmt_fast.triton_mask_logits_backward.default,
@@ -450,13 +451,16 @@ def test_triton_custom_ops_pass_opcheck(device):
                           (torch.randn_like(out), out, args[1].detach()), **checks)
 
 
-def test_compiled_custom_ops_pass_opcheck():
-    embedding, tokens = leaves(*mask_logits_inputs(2, 2, 37, 24, torch.float64))
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_compiled_custom_ops_pass_opcheck(contiguous, compiled_extension):
+    """Schema, fake implementations (strides included: strided inputs give contiguous results),
+    autograd registration and the AOT-dispatch checks."""
+    embedding, tokens = leaves(*mask_logits_inputs(2, 2, 37, 24, torch.float64), contiguous=contiguous)
     threshold = mask_logit_threshold(torch.float64)
     torch.library.opcheck(torch.ops.ipmt_fast.prototype_mask_logits.default, (embedding, tokens, threshold))
     torch.library.opcheck(torch.ops.ipmt_fast.prototype_mask_logits_backward.default,
                           (torch.randn(2, 2, 37, dtype=torch.float64), embedding.detach(), tokens.detach()))
-    query, prototype, weight = leaves(*query_update_inputs(2, 37, 24, torch.float64))
+    query, prototype, weight = leaves(*query_update_inputs(2, 37, 24, torch.float64), contiguous=contiguous)
     torch.library.opcheck(torch.ops.ipmt_fast.prototype_query_update.default, (query, prototype, weight))
     out = torch.ops.ipmt_fast.prototype_query_update(query.detach(), prototype.detach(), weight.detach())
     torch.library.opcheck(torch.ops.ipmt_fast.prototype_query_update_backward.default,

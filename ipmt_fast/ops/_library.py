@@ -101,6 +101,13 @@ def register_autocast(qualname: str, policy: str) -> None:
         LIBRARY.impl(name, lambda _keyset, *args, _run=run: _run(*args), autocast_key, with_keyset=True)
 
 
+def contiguous_like(*tensors: torch.Tensor):
+    """Fresh contiguous tensors of the given tensors' shapes and dtypes: what the kernels return
+    (a fake implementation must match their strides, not the inputs')."""
+    empties = tuple(t.new_empty(t.shape) for t in tensors)
+    return empties[0] if len(empties) == 1 else empties
+
+
 def register_compiled_op(name: str, fake, backward_fake, backward, setup_context, autocast_policy: str) -> None:
     """Python-side registrations of a C++ op ``ipmt_fast::name`` and its ``name_backward`` (call
     once the library is loaded, see ``extension.on_load``): fake (shape-only) implementations of

@@ -50,7 +50,7 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_tensor
-from ._library import follows_autocast, qualified_name, register_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_op
 
 OP_NAME = "ms_deform_sample"
 TRITON_OP = qualified_name("triton_ms_deform_sample")
@@ -227,7 +227,7 @@ def _fake_forward(value, spatial_shapes, sampling_locations, attention_weights, 
 
 
 def _fake_backward(grad_output, value, spatial_shapes, sampling_locations, attention_weights, fused_coordinate):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+    return contiguous_like(value, sampling_locations, attention_weights)
 
 
 def _setup_context(ctx, inputs, output):

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import follows_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, register_compiled_op
 
 OP_NAME = "feed_forward"
 
@@ -104,7 +104,7 @@ def _compiled_fake(x, hidden_weight, output_weight, hidden_keep, keep_scale, rec
 
 
 def _compiled_backward_fake(grad_out, x, hidden_weight, output_weight, hidden_keep, keep_scale, hidden):
-    return torch.empty_like(x), torch.empty_like(hidden_weight), torch.empty_like(output_weight)
+    return contiguous_like(x, hidden_weight, output_weight)
 
 
 def _compiled_setup(ctx, inputs, output):

@@ -40,7 +40,7 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import follows_autocast, qualified_name, register_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_op
 
 OP_NAME = "masked_prototype_attention"
 
@@ -136,7 +136,7 @@ def _softmax_pool_fake(query_key, tokens, token_mask, attn_keep, scale):
 @triton_softmax_pool_backward.register_fake
 def _softmax_pool_backward_fake(query_key, tokens, token_mask, attn_keep, scale, pooled, lse, grad_pooled,
                                 need_grad_tokens):
-    return torch.empty_like(query_key), torch.empty_like(tokens) if need_grad_tokens else tokens.new_empty(0)
+    return contiguous_like(query_key), contiguous_like(tokens) if need_grad_tokens else tokens.new_empty(0)
 
 
 def _softmax_pool_setup(ctx, inputs, output):
@@ -189,7 +189,7 @@ def _compiled_fake(prototype, tokens, token_mask, q_weight, k_weight, v_weight, 
 
 def _compiled_backward_fake(grad_out, prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale,
                             query, query_key, attention, pooled, value):
-    return tuple(torch.empty_like(t) for t in (prototype, tokens, q_weight, k_weight, v_weight, proj_weight))
+    return contiguous_like(prototype, tokens, q_weight, k_weight, v_weight, proj_weight)
 
 
 def _compiled_setup(ctx, inputs, output):

@@ -20,7 +20,7 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import follows_autocast, qualified_name, register_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_op
 
 MASK_LOGITS_OP = "prototype_mask_logits"
 QUERY_UPDATE_OP = "prototype_query_update"
@@ -127,7 +127,7 @@ def _mask_logits_fake(embedding, tokens):
 
 @triton_mask_logits_backward.register_fake
 def _mask_logits_backward_fake(grad_logits, embedding, tokens):
-    return torch.empty_like(embedding), torch.empty_like(tokens)
+    return contiguous_like(embedding, tokens)
 
 
 def _mask_logits_setup(ctx, inputs, output):
@@ -164,7 +164,7 @@ def _query_update_fake(query, query_weight, bias):
 def _query_update_backward_fake(grad_out, out, query_weight):
     b, n, _ = out.shape
     acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-    return (out.new_empty(b, n, query_weight.shape[1]), torch.empty_like(grad_out),
+    return (out.new_empty(b, n, query_weight.shape[1]), contiguous_like(grad_out),
             out.new_empty(b, out.shape[2], dtype=acc_dtype))
 
 
@@ -226,11 +226,11 @@ def _mask_logits_compiled_setup(ctx, inputs, output):
 
 
 def _query_update_compiled_fake(query, prototype, weight):
-    return torch.empty_like(query)
+    return contiguous_like(query)
 
 
 def _query_update_compiled_backward_fake(grad_out, output, query, prototype, weight):
-    return torch.empty_like(query), torch.empty_like(prototype), torch.empty_like(weight)
+    return contiguous_like(query, prototype, weight)
 
 
 def _query_update_compiled_setup(ctx, inputs, output):
