@@ -48,34 +48,29 @@ IPMT_HOST_DEVICE acc_t floor_of(acc_t x) {
 #endif
 }
 
-// a * b + c rounded once, and rounded twice (never contracted: host code is compiled with
-// -ffp-contract=off, device code uses the round-to-nearest intrinsics nvcc does not fuse).
-IPMT_HOST_DEVICE float fused_multiply_add(float a, float b, float c) {
+// a * b + c rounded once (an explicit fma is never split), and rounded twice: the product never
+// contracted into an fma (host code is compiled with -ffp-contract=off; in device code the
+// round-to-nearest product intrinsics are never fused by nvcc).
+template <typename acc_t>
+IPMT_HOST_DEVICE acc_t fused_multiply_add(acc_t a, acc_t b, acc_t c) {
 #if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
+  return fma(a, b, c);
 #else
   return std::fma(a, b, c);
 #endif
 }
-IPMT_HOST_DEVICE double fused_multiply_add(double a, double b, double c) {
+IPMT_HOST_DEVICE float rounded_product(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  return __fma_rn(a, b, c);
+  return __fmul_rn(a, b);
 #else
-  return std::fma(a, b, c);
+  return a * b;
 #endif
 }
-IPMT_HOST_DEVICE float multiply_then_add(float a, float b, float c) {
+IPMT_HOST_DEVICE double rounded_product(double a, double b) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(a, b), c);
+  return __dmul_rn(a, b);
 #else
-  return a * b + c;
-#endif
-}
-IPMT_HOST_DEVICE double multiply_then_add(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(__dmul_rn(a, b), c);
-#else
-  return a * b + c;
+  return a * b;
 #endif
 }
 
@@ -90,7 +85,7 @@ IPMT_HOST_DEVICE acc_t source_coordinate(acc_t loc, int64_t size, bool fused) {
   const acc_t grid = acc_t(2) * loc - acc_t(1);
   const acc_t half_size = static_cast<acc_t>(size) / acc_t(2);
   return fused ? fused_multiply_add(grid + acc_t(1), half_size, acc_t(-0.5))
-               : multiply_then_add(grid + acc_t(1), half_size, acc_t(-0.5));
+               : rounded_product(grid + acc_t(1), half_size) - acc_t(0.5);
 }
 
 // The four bilinear corners of one sampling point; corner c is (x0 + (c & 1), y0 + (c >> 1)).

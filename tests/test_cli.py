@@ -1,6 +1,4 @@
 """The ipmt-fast command line: help, a tiny train/eval/predict run, configs, bad inputs."""
-import contextlib
-import io
 import json
 import os
 import re
@@ -10,27 +8,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from PIL import Image
 
 import ipmt_fast
-from ipmt_fast.cli import main
 from ipmt_fast.data.synthetic import render_scene
 from ipmt_fast.train.config import load_yaml_config, make_config
 
 TINY = ["--data", "synthetic", "--image-size", "33", "--reduce-dim", "32", "--num-layers", "1", "--batch-size", "2",
         "--workers", "0", "--backend", "torch", "--no-progress"]
 SUMMARY_LINE = re.compile(r"^mIoU (\d+\.\d\d) FB-IoU (\d+\.\d\d)$")
-
-
-def run_cli(*argv):
-    """(exit code, stdout, stderr) of an in-process ``ipmt-fast`` call."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

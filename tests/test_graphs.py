@@ -1,13 +1,12 @@
 """Whole-iteration CUDA graphs (ipmt_fast.train.graphs): refusals and plumbing on the CPU; on a
 GPU, graphed training steps and inference against eager ones."""
-import contextlib
 import copy
-import io
 
 import pytest
 import torch
 
 import ipmt_fast
+from cli_runner import run_cli
 from compare import assert_close, relative_error
 from ipmt_fast.cli import _config_for_checkpoint, _overrides, build_parser, main
 from ipmt_fast.train.config import load_yaml_config, make_config
@@ -27,17 +26,6 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 GRAPH_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 NOISE_FACTOR = 4.0
 STEPS = 4
-
-
-def run_cli(*argv):
-    """(exit code, stdout, stderr) of an in-process ``ipmt-fast`` call."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def small_config(out, **overrides):
