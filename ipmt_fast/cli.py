@@ -228,7 +228,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data.episodes import binarize, read_image, read_label
-    from .data.transforms import FOREGROUND, IGNORE_LABEL, ValTransform
+    from .constants import FOREGROUND_LABEL, IGNORE_LABEL
+    from .data.transforms import ValTransform
     from .train.evaluate import prediction_at_original_size
 
     if len(args.support) != len(args.support_mask):
@@ -250,8 +251,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.class_id is not None:
             binary = binarize(mask, args.class_id)
         else:
-            binary = np.where(mask == IGNORE_LABEL, IGNORE_LABEL, (mask != 0) * FOREGROUND).astype(np.uint8)
-        if not (binary == FOREGROUND).any():
+            binary = np.where(mask == IGNORE_LABEL, IGNORE_LABEL, (mask != 0) * FOREGROUND_LABEL).astype(np.uint8)
+        if not (binary == FOREGROUND_LABEL).any():
             raise DataError(f"support mask {mask_path} marks no target pixel")
         s_x, s_y = transform(image, binary)
         support_images.append(s_x)

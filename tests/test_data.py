@@ -12,7 +12,8 @@ from ipmt_fast.data.episodes import (ClassIndex, DataError, EpisodeBatchSampler,
                                      evaluation_batches, fold_classes)
 from ipmt_fast.data.synthetic import (NUM_SYNTHETIC_CLASSES, SyntheticEpisodes, render_scene,
                                       synthetic_fold_classes)
-from ipmt_fast.data.transforms import IGNORE_LABEL, TrainTransform, ValTransform
+from ipmt_fast.constants import IGNORE_LABEL
+from ipmt_fast.data.transforms import TrainTransform, ValTransform
 
 SIDE = 80  # 80 x 80 = 6400 pixels per image
 BIG = (slice(0, 70), slice(0, 70))  # 4900 pixels: counts (>= 4096)

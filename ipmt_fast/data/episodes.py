@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import FOREGROUND, IGNORE_LABEL
+from ..constants import FOREGROUND_LABEL, IGNORE_LABEL
 
 # Published class filter: 4 * 32 * 32 pixels (two 32-stride cells' worth, after Shaban et al.).
 MIN_CLASS_PIXELS = 4 * 32 * 32
@@ -241,7 +241,7 @@ class ClassIndex:
 def binarize(label: np.ndarray, class_id: int) -> np.ndarray:
     """Class-coded label -> 1 where ``class_id``, 255 where ignored, 0 elsewhere (uint8)."""
     out = np.zeros(label.shape, np.uint8)
-    out[label == class_id] = FOREGROUND
+    out[label == class_id] = FOREGROUND_LABEL
     out[label == IGNORE_LABEL] = IGNORE_LABEL
     return out
 
