@@ -32,9 +32,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..data.episodes import EpisodeBatchSampler, EpisodeDataset, collate_episodes, fold_classes
-from ..data.synthetic import SyntheticEpisodes
-from ..data.transforms import TrainTransform, ValTransform
+from ..data import (EpisodeBatchSampler, EpisodeDataset, SyntheticEpisodes, TrainTransform, ValTransform,
+                    collate_episodes, fold_classes, make_loader)
 from ..model import IPMT, load_published_checkpoint
 from .config import TrainConfig, default_list
 from .distributed import DistContext, all_gather_objects, all_reduce_mean, barrier, init_distributed
@@ -223,9 +222,8 @@ class Trainer:
                                            seed=cfg.manual_seed)
         # A private generator: the loader's per-iterator seed draw must not touch the global RNG
         # (it would make the dropout stream depend on where an epoch was resumed).
-        self.train_loader = torch.utils.data.DataLoader(
-            self.train_data, batch_sampler=self.sampler, collate_fn=collate_episodes, num_workers=cfg.workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.manual_seed))
+        self.train_loader = make_loader(self.train_data, self.sampler, self.device, cfg.workers,
+                                        generator=torch.Generator().manual_seed(cfg.manual_seed))
         self.iters_per_epoch = self.sampler.batches_per_epoch
         self.total_iterations = cfg.steps if cfg.steps is not None else cfg.epochs * self.iters_per_epoch
         self.eval_every = cfg.eval_every or self.iters_per_epoch
