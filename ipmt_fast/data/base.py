@@ -165,7 +165,9 @@ def check_episodes(batch: dict, samples: Sequence[dict]) -> None:
 def collate_episodes(samples: Sequence[dict]) -> dict:
     """Stack episode samples into a batch (original-resolution labels stay a list), after
     :func:`check_episodes`."""
-    batch = {key: torch.stack([s[key] for s in samples]) for key in MODEL_INPUT_KEYS}
+    # torch's default_collate stacks straight into shared memory inside a loader process, which
+    # saves a copy of the whole batch on its way to the training process.
+    batch = {key: torch.utils.data.default_collate([s[key] for s in samples]) for key in MODEL_INPUT_KEYS}
     check_episodes(batch, samples)
     batch["class_id"] = torch.tensor([s["class_id"] for s in samples], dtype=torch.int64)
     batch["skipped"] = [path for s in samples for path in s["skipped"]]
