@@ -217,10 +217,12 @@ def main(argv=None) -> List[dict]:
     # As in a loader process (torch does the same for its workers; make_loader for OpenCV).
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    out_dir = common.results_dir(device, args.out)
+    # Results are filed under the machine (cpu-2core), also when taskset gives this process one core.
+    out_dir = Path(args.out) if args.out else common.RESULTS_ROOT / f"cpu-{os.cpu_count()}core"
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = common.run_metadata(device, "benches.data")
     meta["machine"].update(opencv=cv2.__version__, numpy=np.__version__, pillow=PIL.__version__,
-                           affinity_cores=common.cpu_core_count())
+                           machine_cores=os.cpu_count(), affinity_cores=common.cpu_core_count())
     print(f"# data benchmark: {common.cpu_core_count()} core(s) in this process's affinity, OpenCV "
           f"{cv2.__version__}, batch {args.batch}, step {args.step_ms:g} ms", flush=True)
     with tempfile.TemporaryDirectory(prefix="ipmt-bench-data-") as tmp:
