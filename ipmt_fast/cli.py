@@ -14,7 +14,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from .data.episodes import DataError
+from .constants import BACKGROUND_LABEL, FOREGROUND_LABEL, IGNORE_LABEL
+from .data.base import DataError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 BACKEND_CHOICES = ("auto", "reference", "torch", "triton", "compiled")
@@ -184,7 +185,8 @@ def _load_model(cfg, state, device):
     from .model import IPMT, load_published_checkpoint
     from .train.trainer import model_arch
 
-    model = IPMT(backend=cfg.backend, **model_arch(cfg))
+    # Values are checked on the host by the data layer (eval) or from the files read (predict).
+    model = IPMT(backend=cfg.backend, check_values=False, **model_arch(cfg))
     load_published_checkpoint(model, state)
     return model.to(device).eval(), torch.device(device)
 
@@ -218,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate
     from .train.graphs import require_cuda
     from .train.trainer import build_dataset, compile_model
-    from .data.episodes import fold_classes
+    from .data import fold_classes
 
     state, cfg = _config_for_checkpoint(args)
     ctx = init_distributed(cfg.device)
@@ -247,8 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .data.episodes import binarize, read_image, read_label
-    from .data.transforms import FOREGROUND, IGNORE_LABEL, ValTransform
+    from .data import ValTransform, binarize, read_image, read_label
     from .train.evaluate import prediction_at_original_size
     from .train.graphs import GraphedForward
 
@@ -272,8 +273,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.class_id is not None:
             binary = binarize(mask, args.class_id)
         else:
-            binary = np.where(mask == IGNORE_LABEL, IGNORE_LABEL, (mask != 0) * FOREGROUND).astype(np.uint8)
-        if not (binary == FOREGROUND).any():
+            binary = np.where(mask == IGNORE_LABEL, IGNORE_LABEL,
+                              (mask != BACKGROUND_LABEL) * FOREGROUND_LABEL).astype(np.uint8)
+        if not (binary == FOREGROUND_LABEL).any():
             raise DataError(f"support mask {mask_path} marks no target pixel")
         s_x, s_y = transform(image, binary)
         support_images.append(s_x)
@@ -283,7 +285,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                        torch.stack(support_labels)[None].to(device), padding_label[None].to(device))
     mask = prediction_at_original_size(logits[0], query.shape[:2]).cpu().numpy().astype(bool)
 
-    overlay = query.copy()
+    overlay = query.astype(np.float32)
     overlay[mask] = (1 - OVERLAY_ALPHA) * overlay[mask] + OVERLAY_ALPHA * np.asarray(OVERLAY_RGB, np.float32)
     Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8)).save(args.out)
     if args.mask_out:

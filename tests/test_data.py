@@ -1,18 +1,26 @@
-"""Episode datasets: synthetic scenes, PASCAL/COCO layouts written into tmp_path, samplers."""
+"""Episode data: decoding, synthetic scenes, PASCAL/COCO layouts written into tmp_path, the checks on
+what reaches the model, samplers, the loader and the module layout."""
+import ast
 import json
 import os
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import ipmt_fast.data
+from ipmt_fast.constants import IGNORE_LABEL
 from ipmt_fast.data import episodes as ep
-from ipmt_fast.data.episodes import (ClassIndex, DataError, EpisodeBatchSampler, EpisodeDataset, collate_episodes,
-                                     evaluation_batches, fold_classes)
+from ipmt_fast.data.base import (PREFETCH_BATCHES, DataError, EpisodeBatchSampler, UnreadableFileError, binarize,
+                                 collate_episodes, evaluation_batches, make_loader)
+from ipmt_fast.data.episodes import ClassIndex, EpisodeDataset, fold_classes
+from ipmt_fast.data.files import read_image, read_label
 from ipmt_fast.data.synthetic import (NUM_SYNTHETIC_CLASSES, SyntheticEpisodes, render_scene,
                                       synthetic_fold_classes)
-from ipmt_fast.data.transforms import IGNORE_LABEL, TrainTransform, ValTransform
+from ipmt_fast.data.transforms import TrainTransform, ValTransform
 
 SIDE = 80  # 80 x 80 = 6400 pixels per image
 BIG = (slice(0, 70), slice(0, 70))  # 4900 pixels: counts (>= 4096)
@@ -98,15 +106,24 @@ def test_synthetic_episodes_shapes_classes_and_determinism():
 
 # --------------------------------------------------------------------------- folds
 def test_fold_classes_follow_the_published_splits():
-    assert fold_classes("pascal", 1) == (tuple(range(1, 6)) + tuple(range(11, 21)), tuple(range(6, 11)))
-    assert fold_classes("pascal", 0)[1] == (1, 2, 3, 4, 5)
-    assert fold_classes("coco", 0, "interleaved")[1] == tuple(range(1, 78, 4))
-    assert fold_classes("coco", 3, "interleaved")[1] == tuple(range(4, 81, 4))
-    assert fold_classes("coco", 2, "blocks")[1] == tuple(range(41, 61))
-    train, test = fold_classes("coco", 1, "interleaved")
-    assert len(train) == 60 and sorted(train + test) == list(range(1, 81))
+    # The published SemData lists, written out: PASCAL fold k tests 5k+1..5k+5; COCO with
+    # use_split_coco tests k+1, k+5, ..., k+77, without it 20k+1..20k+20; training = the rest.
+    published_test = {
+        ("pascal", None): [list(range(1, 6)), list(range(6, 11)), list(range(11, 16)), list(range(16, 21))],
+        ("coco", "interleaved"): [list(range(1, 78, 4)), list(range(2, 79, 4)), list(range(3, 80, 4)),
+                                  list(range(4, 81, 4))],
+        ("coco", "blocks"): [list(range(1, 21)), list(range(21, 41)), list(range(41, 61)), list(range(61, 81))],
+    }
+    for (dataset, coco_split), folds in published_test.items():
+        total = 20 if dataset == "pascal" else 80
+        for split, test in enumerate(folds):
+            train, ours = fold_classes(dataset, split, coco_split or "interleaved")
+            assert list(ours) == test
+            assert list(train) == sorted(set(range(1, total + 1)) - set(test))
     with pytest.raises(ValueError, match="split"):
         fold_classes("pascal", 4)
+    with pytest.raises(ValueError, match="coco_split"):
+        fold_classes("coco", 0, "rows")
 
 
 # --------------------------------------------------------------------------- PASCAL layout
@@ -233,3 +250,164 @@ def test_evaluation_batches_split_every_episode_once():
     flat = sorted(i for share in shares for batch in share for i in batch)
     assert flat == list(range(10))
     assert shares[0] == [[0, 3, 6], [9]]
+
+
+# --------------------------------------------------------------------------- decoding
+def _smooth_image(h, w):
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs * 255 // w, ys * 255 // h, (xs + ys) % 256], -1).astype(np.uint8)
+
+
+def test_read_image_is_the_published_imread(tmp_path):
+    path = str(tmp_path / "photo.jpg")
+    cv2.imwrite(path, _smooth_image(37, 53))
+    image = read_image(path)
+    published = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert image.dtype == np.uint8 and image.shape == (37, 53, 3)
+    assert np.array_equal(image, published)
+
+
+def test_read_label_grey_palette_and_colour_files(tmp_path):
+    classes = np.random.default_rng(0).integers(0, 21, (9, 11)).astype(np.uint8)
+    classes[0] = IGNORE_LABEL
+    Image.fromarray(classes).save(tmp_path / "grey.png")  # SegmentationClassAug style
+    palette = Image.fromarray(classes, mode="P")
+    palette.putpalette([(i * 37) % 256 for i in range(256 * 3)])  # VOC SegmentationClass style
+    palette.save(tmp_path / "palette.png")
+    colour = np.random.default_rng(1).integers(0, 256, (9, 11, 3)).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    assert np.array_equal(read_label(str(tmp_path / "grey.png")), classes)
+    assert np.array_equal(read_label(str(tmp_path / "palette.png")), classes)
+    # Any other file: the grey levels the published loader reads.
+    assert np.array_equal(read_label(str(tmp_path / "colour.png")),
+                          cv2.imread(str(tmp_path / "colour.png"), cv2.IMREAD_GRAYSCALE))
+    assert all(read_label(str(tmp_path / f)).dtype == np.uint8 for f in ("grey.png", "palette.png", "colour.png"))
+
+
+def test_unreadable_files_name_the_path(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(30))
+    for name, reason in (("missing.png", "file not found"), ("empty.png", "empty file"), ("garbage.jpg", "decode"),
+                         ("broken.png", "")):
+        for reader in (read_image, read_label):
+            with pytest.raises(UnreadableFileError, match=f"cannot read .*{name}: .*{reason}") as info:
+                reader(str(tmp_path / name))
+            assert info.value.path == str(tmp_path / name)
+
+
+def test_binarize_maps_the_class_to_1_and_keeps_255():
+    label = np.array([[0, 3, 7], [255, 3, 1]], np.uint8)
+    assert binarize(label, 3).tolist() == [[0, 1, 0], [255, 1, 0]]
+    with pytest.raises(ValueError, match="uint8"):
+        binarize(label.astype(np.int64), 3)
+
+
+# --------------------------------------------------------------------------- checks before the model
+def _corrupting(value, key):
+    """A transform that writes ``value`` into the top-left pixel of its label or image (all channels)."""
+    def transform(image, label, rng=None):
+        x, y = ValTransform(33)(image, label)
+        (y if key == "label" else x)[..., 0, 0] = value
+        return x, y
+    return transform
+
+
+@pytest.mark.parametrize("value", [2, 7, 254, 256, -1])
+def test_collate_rejects_bad_label_values_naming_the_episode_and_files(pascal_root, value):
+    root, list_path = pascal_root
+    data = EpisodeDataset(str(root), list_path, (1, 2, 3), 1, _corrupting(value, "label"), mode="val", episodes=8)
+    clean = EpisodeDataset(str(root), list_path, (1, 2, 3), 1, ValTransform(33), mode="val", episodes=8)
+    batch = collate_episodes([clean[0], clean[1]])
+    assert set(batch["label"].unique().tolist()) <= {0, 1, IGNORE_LABEL}
+    with pytest.raises(DataError, match=rf"episode \(0, 2\) \(class \d\), files .*0002.png.*label holds \[{value}\]"):
+        collate_episodes([clean[0], data[2]])
+
+
+def test_collate_rejects_float_labels():
+    sample = {"image": torch.zeros(3, 9, 9), "label": torch.zeros(9, 9), "support_images": torch.zeros(1, 3, 9, 9),
+              "support_labels": torch.zeros(1, 9, 9, dtype=torch.int64), "class_id": 1, "skipped": []}
+    with pytest.raises(DataError, match="label must hold integer labels, got torch.float32"):
+        collate_episodes([sample])
+
+
+@pytest.mark.parametrize("value,what", [(float("nan"), "3 NaN and 0 infinite"), (float("inf"), "0 NaN and 3 infinite")])
+def test_collate_rejects_non_finite_images(pascal_root, value, what):
+    root, list_path = pascal_root
+    data = EpisodeDataset(str(root), list_path, (1, 2, 3), 1, _corrupting(value, "image"), mode="val", episodes=8)
+    with pytest.raises(DataError, match=rf"episode \(0, 1\).*image holds {what} values"):
+        collate_episodes([data[1]])
+
+
+# --------------------------------------------------------------------------- loader
+def test_loader_settings():
+    data = SyntheticEpisodes((1, 2), 1, ValTransform(33), size=33, length=4, mode="val")
+    batches = evaluation_batches(4, 2)
+    serial = make_loader(data, batches, "cpu")
+    assert serial.num_workers == 0 and not serial.pin_memory and not serial.persistent_workers
+    parallel = make_loader(data, batches, torch.device("cuda"), workers=2)
+    assert parallel.pin_memory and parallel.persistent_workers and parallel.prefetch_factor == PREFETCH_BATCHES
+    with pytest.raises(ValueError, match="workers"):
+        make_loader(data, batches, "cpu", workers=-1)
+
+
+def test_loader_processes_give_the_batches_of_the_main_process():
+    data = SyntheticEpisodes((4, 5, 6), 2, TrainTransform((33, 33)), size=33, length=8, seed=3)
+    sampler = EpisodeBatchSampler(len(data), 2, seed=3)
+    sampler.set_epoch(1)
+    serial = list(make_loader(data, sampler, "cpu"))
+    parallel = make_loader(data, sampler, "cpu", workers=2)
+    for _ in range(2):  # persistent workers serve a second pass over the epoch too
+        for a, b in zip(serial, parallel):
+            for key in ("image", "label", "support_images", "support_labels", "class_id"):
+                assert torch.equal(a[key], b[key])
+
+
+def test_data_errors_in_loader_processes_reach_the_caller(pascal_root):
+    root, list_path = pascal_root
+    data = EpisodeDataset(str(root), list_path, (1, 2, 3), 1, _corrupting(7, "label"), mode="val", episodes=4)
+    with pytest.raises(DataError, match="label holds"):
+        next(iter(make_loader(data, evaluation_batches(4, 2), "cpu", workers=1)))
+
+
+# --------------------------------------------------------------------------- layout
+PACKAGE = Path(ipmt_fast.data.__file__).resolve().parent.parent
+
+
+def _relative_imports(path: Path):
+    """Modules of ``ipmt_fast.data`` that ``path`` imports (at any depth: also inside functions)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            yield from names
+
+
+def test_data_modules_import_without_a_cycle():
+    modules = {p.stem: set(_relative_imports(p)) for p in (PACKAGE / "data").glob("*.py") if p.stem != "__init__"}
+    done, visiting = set(), set()
+
+    def visit(name, chain):
+        assert name not in visiting, f"import cycle: {' -> '.join(chain + [name])}"
+        if name in done or name not in modules:
+            return
+        visiting.add(name)
+        for imported in modules[name]:
+            visit(imported, chain + [name])
+        visiting.discard(name)
+        done.add(name)
+
+    for name in modules:
+        visit(name, [])
+
+
+def test_label_values_and_stride_are_defined_once():
+    names = {"BACKGROUND_LABEL", "FOREGROUND_LABEL", "IGNORE_LABEL", "VALID_LABELS", "OUTPUT_STRIDE", "FOREGROUND",
+             "SIZE_MULTIPLE"}
+    definitions = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                definitions += [f"{path.relative_to(PACKAGE)}:{t.id}" for t in targets
+                                if isinstance(t, ast.Name) and t.id in names]
+    assert sorted(definitions) == sorted(f"constants.py:{n}" for n in names - {"FOREGROUND", "SIZE_MULTIPLE"})

@@ -1,8 +1,6 @@
-"""Few-shot episodes: PASCAL-5i and COCO-20i from list files, the shared episode assembly, and
-the samplers that split global batches across ranks.
+"""PASCAL-5i and COCO-20i episodes from published-style list files, and the fold class lists.
 
-An *episode* is one query image with its label binarised for one class (1 target, 0 other,
-255 ignore) and ``S`` support images of the same class, binarised alike. The published rules:
+The published rules:
 
 * a class *counts* for an image when it covers at least 4 * 32 * 32 = 4096 label pixels at the
   original resolution; the query list is every image with at least one counting class of the
@@ -10,25 +8,25 @@ An *episode* is one query image with its label binarised for one class (1 target
 * the query's class is drawn among the fold classes present in its label (at any size, as
   published), the ``S`` supports are distinct list entries of that class, never the query itself.
 
-Every episode is a pure function of ``(seed, mode, epoch, index)``: the data loader may use any
-number of workers and ranks and a resumed run sees the same episodes.
+Episode assembly, seeding, collation and the samplers are shared with the generated data
+(:mod:`ipmt_fast.data.base`).
 """
 from __future__ import annotations
 
-import abc
 import hashlib
 import json
 import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from PIL import Image
 
-from .transforms import FOREGROUND, IGNORE_LABEL
+from ..constants import BACKGROUND_LABEL, IGNORE_LABEL
+from .base import DataError, EpisodeSource, UnreadableFileError
+from .files import read_label, read_list, read_pair
+from .synthetic import synthetic_fold_classes
 
 # Published class filter: 4 * 32 * 32 pixels (two 32-stride cells' worth, after Shaban et al.).
 MIN_CLASS_PIXELS = 4 * 32 * 32
@@ -37,87 +35,11 @@ COCO_NUM_CLASSES = 80
 NUM_FOLDS = 4
 COCO_SPLITS = ("interleaved", "blocks")
 # Bump when the cached class index's content or meaning changes.
-CLASS_INDEX_VERSION = 1
+CLASS_INDEX_VERSION = 2
 CLASS_INDEX_SUFFIX = ".ipmt-classes.json"
 # A training episode whose files cannot be read is replaced by the next query; give up after this
 # many consecutive failures (the data root is then most likely wrong, not one file).
 MAX_CONSECUTIVE_UNREADABLE = 10
-MODE_SEED = {"train": 0, "val": 1}
-
-
-class DataError(RuntimeError):
-    """A problem with the user's data: a missing root or list, an unreadable or mismatched file."""
-
-
-class UnreadableFileError(DataError):
-    """An image or label file that cannot be decoded; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot read {path}: {reason}")
-        self.path = path
-
-
-# --------------------------------------------------------------------------- files
-def read_image(path: str) -> np.ndarray:
-    """An RGB image as an ``(H, W, 3)`` float32 array with values in 0..255."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32)
-    except FileNotFoundError:
-        raise UnreadableFileError(path, "file not found") from None
-    except (OSError, ValueError, SyntaxError) as err:  # PIL reports corrupt files as these
-        raise UnreadableFileError(path, str(err)) from None
-
-
-def read_label(path: str) -> np.ndarray:
-    """A class-coded label as an ``(H, W)`` integer array. Palette PNGs give their indices (the
-    class ids of VOC/COCO masks); other colour modes are converted to grey levels."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                im = im.convert("L")
-            return np.asarray(im)
-    except FileNotFoundError:
-        raise UnreadableFileError(path, "file not found") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise UnreadableFileError(path, str(err)) from None
-
-
-def read_pair(image_path: str, label_path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Read an image and its label and check that their sizes agree."""
-    image, label = read_image(image_path), read_label(label_path)
-    if image.shape[:2] != label.shape:
-        raise DataError(f"image and label sizes differ: {image_path} is {image.shape[1]}x{image.shape[0]}, "
-                        f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-    return image, label
-
-
-def read_list(list_path: str) -> List[Tuple[str, str]]:
-    """The (image, label) relative paths of a list file: JSON (a list of pairs) or text (one
-    ``image label`` pair per line), as the published lists are."""
-    if not os.path.isfile(list_path):
-        raise DataError(f"list file not found: {list_path}")
-    with open(list_path, encoding="utf-8") as f:
-        text = f.read()
-    if list_path.endswith(".json"):
-        try:
-            pairs = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{list_path} is not valid JSON: {err}") from None
-        if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-            raise DataError(f"{list_path} must hold a JSON list of [image, label] pairs")
-        return [(str(a), str(b)) for a, b in pairs]
-    pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 2:
-            raise DataError(f"{list_path}:{number}: expected 'image_path label_path', got {line!r}")
-        pairs.append((fields[0], fields[1]))
-    if not pairs:
-        raise DataError(f"list file is empty: {list_path}")
-    return pairs
 
 
 # --------------------------------------------------------------------------- folds
@@ -129,7 +51,6 @@ def fold_classes(dataset: str, split: int, coco_split: str = "interleaved") -> T
     tests ``20k+1 .. 20k+20``. Synthetic: see :func:`ipmt_fast.data.synthetic.synthetic_fold_classes`.
     """
     if dataset == "synthetic":
-        from .synthetic import synthetic_fold_classes
         return synthetic_fold_classes(split)
     if split not in range(NUM_FOLDS):
         raise ValueError(f"split must be in 0..{NUM_FOLDS - 1}, got {split}")
@@ -157,7 +78,7 @@ def _class_pixel_counts(label_path: str):
     except UnreadableFileError as err:
         return label_path, str(err)
     values, counts = np.unique(label, return_counts=True)
-    return label_path, {int(v): int(n) for v, n in zip(values, counts) if v not in (0, IGNORE_LABEL)}
+    return label_path, {int(v): int(n) for v, n in zip(values, counts) if v not in (BACKGROUND_LABEL, IGNORE_LABEL)}
 
 
 @dataclass
@@ -238,56 +159,6 @@ class ClassIndex:
 
 
 # --------------------------------------------------------------------------- episodes
-def binarize(label: np.ndarray, class_id: int) -> np.ndarray:
-    """Class-coded label -> 1 where ``class_id``, 255 where ignored, 0 elsewhere (uint8)."""
-    out = np.zeros(label.shape, np.uint8)
-    out[label == class_id] = FOREGROUND
-    out[label == IGNORE_LABEL] = IGNORE_LABEL
-    return out
-
-
-class EpisodeSource(torch.utils.data.Dataset, abc.ABC):
-    """Base of every episode dataset: seeding and the common assembly of an episode.
-
-    ``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) returns a dict with
-    ``image (3, H, W)``, ``label (H, W)``, ``support_images (S, 3, H, W)``,
-    ``support_labels (S, H, W)``, ``class_id`` and ``skipped`` (paths of unreadable files that were
-    skipped); in ``val`` mode also ``original_label``, the binarised label at original resolution.
-    """
-
-    def __init__(self, shot: int, transform, mode: str, seed: int):
-        if mode not in MODE_SEED:
-            raise ValueError(f"mode must be one of {tuple(MODE_SEED)}, got {mode!r}")
-        if shot < 1:
-            raise ValueError(f"shot must be >= 1, got {shot}")
-        self.shot, self.transform, self.mode, self.seed = int(shot), transform, mode, int(seed)
-
-    def episode_rng(self, epoch: int, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, MODE_SEED[self.mode], int(epoch), int(index)])
-
-    @abc.abstractmethod
-    def episode(self, epoch: int, index: int) -> dict:
-        """The episode ``index`` of ``epoch`` (see the class docstring for its keys)."""
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        return self.episode(epoch, index)
-
-    def assemble(self, query, supports, class_id: int, rng: np.random.Generator, skipped=()) -> dict:
-        """Binarise for ``class_id`` and transform a query ``(image, label)`` and its supports."""
-        query_label = binarize(query[1], class_id)
-        image, label = self.transform(np.asarray(query[0], np.float32), query_label, rng)
-        shots = [self.transform(np.asarray(img, np.float32), binarize(lab, class_id), rng) for img, lab in supports]
-        sample = {
-            "image": image, "label": label,
-            "support_images": torch.stack([s[0] for s in shots]), "support_labels": torch.stack([s[1] for s in shots]),
-            "class_id": int(class_id), "skipped": list(skipped),
-        }
-        if self.mode == "val":
-            sample["original_label"] = torch.from_numpy(query_label.astype(np.int64))
-        return sample
-
-
 class EpisodeDataset(EpisodeSource):
     """PASCAL-5i / COCO-20i episodes from a data root and a published-style list file.
 
@@ -370,62 +241,7 @@ class EpisodeDataset(EpisodeSource):
                     raise
                 skipped.append(err.path)
                 continue
-            return self.assemble(query, supports, class_id, rng, skipped)
+            files = [path for j in [item] + chosen for path in self.items[j]]
+            return self.assemble(query, supports, class_id, rng, skipped, files)
         raise DataError(f"{len(skipped)} consecutive episodes had unreadable files (check the data root): "
                         + ", ".join(skipped))
-
-
-# --------------------------------------------------------------------------- batching
-def collate_episodes(samples: Sequence[dict]) -> dict:
-    """Stack episode samples into a batch (original-resolution labels stay a list)."""
-    batch = {key: torch.stack([s[key] for s in samples])
-             for key in ("image", "label", "support_images", "support_labels")}
-    batch["class_id"] = torch.tensor([s["class_id"] for s in samples], dtype=torch.int64)
-    batch["skipped"] = [path for s in samples for path in s["skipped"]]
-    if "original_label" in samples[0]:
-        batch["original_label"] = [s["original_label"] for s in samples]
-    return batch
-
-
-class EpisodeBatchSampler(torch.utils.data.Sampler):
-    """Batches of episode keys ``(epoch, index)`` for one rank.
-
-    Each epoch is a seeded permutation of the items cut into *global* batches of
-    ``global_batch_size`` (the incomplete last one dropped, as published); rank ``r`` of ``W``
-    gets the ``r``-th of ``W`` equal slices of every global batch. So W ranks together see exactly
-    the batches one process would, and :meth:`set_epoch` with a ``start_batch`` resumes mid-epoch.
-    """
-
-    def __init__(self, num_items: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
-        if global_batch_size % world_size:
-            raise ValueError(f"batch size {global_batch_size} must be a multiple of the {world_size} processes")
-        if num_items < global_batch_size:
-            raise ValueError(f"the dataset has {num_items} queries, fewer than one batch of {global_batch_size}")
-        self.num_items, self.global_batch_size = num_items, global_batch_size
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.per_rank = global_batch_size // world_size
-        self.epoch, self.start_batch = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_items // self.global_batch_size
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items) if self.shuffle
-                 else np.arange(self.num_items))
-        for b in range(self.start_batch, self.batches_per_epoch):
-            start = b * self.global_batch_size + self.rank * self.per_rank
-            yield [(self.epoch, int(i)) for i in order[start:start + self.per_rank]]
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
-
-
-def evaluation_batches(num_episodes: int, batch_size: int, rank: int = 0, world_size: int = 1) -> List[List[int]]:
-    """This rank's share of episodes ``0 .. num_episodes-1`` (every ``world_size``-th), batched."""
-    mine = list(range(rank, num_episodes, world_size))
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]

@@ -17,8 +17,8 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 
-from .episodes import EpisodeSource
-from .transforms import IGNORE_LABEL
+from ..constants import IGNORE_LABEL
+from .base import EpisodeSource
 
 SQRT3 = math.sqrt(3.0)
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..data.episodes import collate_episodes, evaluation_batches
+from ..data import evaluation_batches, make_loader
 from .amp import autocast
 from .distributed import DistContext
 from .graphs import GraphedForward
@@ -51,8 +51,7 @@ def evaluate(model: torch.nn.Module, dataset, class_ids: Sequence[int], device: 
     """
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx else (0, 1)
     batches = evaluation_batches(len(dataset), batch_size, rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_episodes,
-                                         num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+    loader = make_loader(dataset, batches, device, workers)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     meter = FewShotMeter(class_ids)
     model.eval()

@@ -32,9 +32,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..data.episodes import EpisodeBatchSampler, EpisodeDataset, collate_episodes, fold_classes
-from ..data.synthetic import SyntheticEpisodes
-from ..data.transforms import TrainTransform, ValTransform
+from ..data import (EpisodeBatchSampler, EpisodeDataset, SyntheticEpisodes, TrainTransform, ValTransform,
+                    collate_episodes, fold_classes, make_loader)
 from ..model import IPMT, CheckpointError, load_published_checkpoint, read_checkpoint
 from .amp import autocast
 from .config import TrainConfig, default_list
@@ -64,9 +63,11 @@ def model_arch(cfg: TrainConfig) -> Dict[str, int]:
 
 
 def build_model(cfg: TrainConfig) -> IPMT:
-    """The IPMT of ``cfg``, with ``cfg.weight`` (published or our checkpoint) loaded if given."""
+    """The IPMT of ``cfg``, with ``cfg.weight`` (published or our checkpoint) loaded if given. Its
+    device-side value checks are off: the data layer checks every batch on the host
+    (:func:`ipmt_fast.data.collate_episodes`), so the step reads nothing back from the device."""
     model = IPMT(backend=cfg.backend, backbone_weights=cfg.backbone_weights, recompute_ffn=cfg.recompute_ffn,
-                 **model_arch(cfg))
+                 check_values=False, **model_arch(cfg))
     if cfg.weight:
         load_published_checkpoint(model, cfg.weight)
     return model
@@ -252,9 +253,8 @@ class Trainer:
                                            seed=cfg.manual_seed)
         # A private generator: the loader's per-iterator seed draw must not touch the global RNG
         # (it would make the dropout stream depend on where an epoch was resumed).
-        self.train_loader = torch.utils.data.DataLoader(
-            self.train_data, batch_sampler=self.sampler, collate_fn=collate_episodes, num_workers=cfg.workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.manual_seed))
+        self.train_loader = make_loader(self.train_data, self.sampler, self.device, cfg.workers,
+                                        generator=torch.Generator().manual_seed(cfg.manual_seed))
         self.iters_per_epoch = self.sampler.batches_per_epoch
         self.total_iterations = cfg.steps if cfg.steps is not None else cfg.epochs * self.iters_per_epoch
         self.eval_every = cfg.eval_every or self.iters_per_epoch
