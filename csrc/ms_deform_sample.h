@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define IPMT_HOST_DEVICE __host__ __device__ __forceinline__
@@ -59,16 +60,14 @@ IPMT_HOST_DEVICE acc_t fused_multiply_add(acc_t a, acc_t b, acc_t c) {
   return std::fma(a, b, c);
 #endif
 }
-IPMT_HOST_DEVICE float rounded_product(float a, float b) {
+template <typename acc_t>
+IPMT_HOST_DEVICE acc_t rounded_product(acc_t a, acc_t b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-IPMT_HOST_DEVICE double rounded_product(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
