@@ -210,8 +210,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"best (iteration {best['iteration']}, {os.path.join(cfg.out, 'best.pt')}): "
                       f"mIoU {100 * best['miou']:.2f} FB-IoU {100 * best['fb_iou']:.2f}")
                 print(f"mIoU {100 * last['miou']:.2f} FB-IoU {100 * last['fb_iou']:.2f}")
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     return 0
 
 
@@ -240,8 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for c, iou in result.class_iou.items():
                 print(f"class {c}: IoU {100 * iou:.2f} ({result.class_episodes[c]} episodes)")
             print(result.summary())
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     return 0
 
 

@@ -81,6 +81,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down. On a clean exit the ranks first meet at a barrier: a rank that
+    destroys its group while a peer is still finishing can leave that peer waiting forever (seen
+    here once with gloo, rank 0 left in a collective after rank 1 had exited). After an error there
+    is no barrier to meet at, so the group is destroyed at once (the launcher ends the peers)."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            barrier()
         dist.destroy_process_group()
