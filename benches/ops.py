@@ -37,7 +37,7 @@ from ipmt_fast.train import graphs
 from . import common
 
 OP_NAMES = ("masked_prototype_attention", "prototype_mask_logits", "prototype_query_update", "ms_deform_sample",
-            "feed_forward")
+            "deformable_self_attention", "feed_forward")
 MODES = ("fwd", "fwdbwd")
 COMPILE_VARIANT = "compile(reference)"
 SDPA_VARIANT = "sdpa"
@@ -122,6 +122,31 @@ def make_deform_sample(b, n, c, dtype, device) -> OpInputs:
                     torch.randn(b, h * w, DEFORM_HEADS * c, device=device, dtype=dtype))
 
 
+def make_deformable_attention(b, n, c, dtype, device) -> OpInputs:
+    """IPMT's query self-attention layer over a square map of about n tokens, a padded bottom band."""
+    from ipmt_fast.ops.deform_attention import offset_normalizer, pixel_centre_points
+
+    side = max(1, round(math.sqrt(n)))
+    tokens = side * side
+    values = torch.randn(b, tokens, c, device=device, dtype=dtype)
+    query = values + torch.randn(b, tokens, c, device=device, dtype=dtype)
+    padding = torch.zeros(b, side, side, dtype=torch.bool, device=device)
+    padding[:, side - max(1, side // 8):] = True
+    # Coordinates in at least float32, as the model makes them.
+    coordinates = torch.promote_types(dtype, torch.float32)
+    reference_points = pixel_centre_points(side, side, coordinates, device)
+    normalizer = offset_normalizer([(side, side)], coordinates, device)
+    params = [_weight(c, c, dtype, device), torch.zeros(c, device=device, dtype=dtype),
+              _weight(DEFORM_HEADS * DEFORM_POINTS * 2, c, dtype, device),
+              torch.randn(DEFORM_HEADS * DEFORM_POINTS * 2, device=device, dtype=dtype),
+              _weight(DEFORM_HEADS * DEFORM_POINTS, c, dtype, device),
+              torch.zeros(DEFORM_HEADS * DEFORM_POINTS, device=device, dtype=dtype),
+              _weight(c, c, dtype, device), torch.zeros(c, device=device, dtype=dtype)]
+    args = (query, values, padding.flatten(1), reference_points, normalizer, side, side, *params, DEFORM_HEADS,
+            DEFORM_POINTS)
+    return OpInputs(args, [query, values, *params], params, torch.randn(b, tokens, c, device=device, dtype=dtype))
+
+
 def make_feed_forward(b, n, c, dtype, device) -> OpInputs:
     """A query-side FFN in training: hidden width 3C, IPMT's dropout mask."""
     x = torch.randn(b, n, c, device=device, dtype=dtype)
@@ -167,6 +192,8 @@ CASES = {
     "prototype_query_update": OpCase("prototype_query_update", make_query_update,
                                      ops.prototype_query_update_reference, {}),
     "ms_deform_sample": OpCase("ms_deform_sample", make_deform_sample, ops.ms_deform_sample_reference, {}),
+    "deformable_self_attention": OpCase("deformable_self_attention", make_deformable_attention,
+                                        ops.deformable_self_attention_reference, {}),
     "feed_forward": OpCase("feed_forward", make_feed_forward, ops.feed_forward_reference,
                            {RECOMPUTE_VARIANT: feed_forward_recomputing}),
 }

@@ -151,6 +151,98 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
   return {grad_x, grad_hidden_weight, grad_output_weight};
 }
 
+// ---------------------------------------------------------------------------------------------
+// deformable_self_attention: IPMT's query self-attention layer over one h x w map
+// (ipmt_fast/ops/deform_attention.py): projections, offsets, softmax, locations, sampling.
+// ---------------------------------------------------------------------------------------------
+
+// The sampling ops of this library, called through the dispatcher (CPU or CUDA kernels).
+Tensor ms_deform_sample(const Tensor& value, c10::IntArrayRef shapes, const Tensor& locations, const Tensor& weights,
+                        bool fused_coordinate) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ipmt_fast::ms_deform_sample", "")
+                             .typed<Tensor(const Tensor&, c10::IntArrayRef, const Tensor&, const Tensor&, bool)>();
+  return op.call(value, shapes, locations, weights, fused_coordinate);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ms_deform_sample_backward(const Tensor& grad, const Tensor& value,
+                                                             c10::IntArrayRef shapes, const Tensor& locations,
+                                                             const Tensor& weights, bool fused_coordinate) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ipmt_fast::ms_deform_sample_backward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, c10::IntArrayRef, const Tensor&,
+                                                    const Tensor&, bool)>();
+  return op.call(grad, value, shapes, locations, weights, fused_coordinate);
+}
+
+// Returns (out, value, locations, weights, sampled): value (B, N, heads, D), locations
+// (B, N, heads, 1, P, 2), weights (B, N, heads, 1, P) and sampled (B, N, C) in the dtype of the
+// reference points (at least float32).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deformable_self_attention(
+    const Tensor& query, const Tensor& values, const Tensor& padding_mask, const Tensor& reference_points,
+    const Tensor& offset_normalizer, int64_t height, int64_t width, const Tensor& value_weight,
+    const Tensor& value_bias, const Tensor& offset_weight, const Tensor& offset_bias, const Tensor& attention_weight,
+    const Tensor& attention_bias, const Tensor& output_weight, const Tensor& output_bias, int64_t heads,
+    int64_t points, bool fused_coordinate) {
+  const int64_t b = query.size(0), n = query.size(1);
+  const auto coordinate = reference_points.scalar_type();
+  const Tensor value = at::linear(values, value_weight, value_bias)
+                           .masked_fill(padding_mask.unsqueeze(-1), 0.0)
+                           .view({b, n, heads, -1})
+                           .to(coordinate);
+  const Tensor offsets = at::linear(query, offset_weight, offset_bias).to(coordinate).view({b, n, heads, 1, points, 2});
+  const Tensor logits = at::linear(query, attention_weight, attention_bias).to(coordinate).view({b, n, heads, points});
+  const Tensor weights = at::_softmax(logits, -1, false).view({b, n, heads, 1, points});
+  // The Python layer's reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :].
+  const Tensor locations = reference_points.view({1, n, 1, 1, 1, 2}) + offsets / offset_normalizer.view({1, 1, 1, 1, 1, 2});
+  const Tensor sampled = ms_deform_sample(value, {height, width}, locations, weights, fused_coordinate);
+  const Tensor out = at::linear(sampled.to(query.scalar_type()), output_weight, output_bias);
+  return {out, value, locations, weights, sampled};
+}
+
+// Returns the gradients of (query, values, value weight, value bias, offset weight, offset bias,
+// attention weight, attention bias, output weight, output bias).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+deformable_self_attention_backward(const Tensor& grad_out, const Tensor& query, const Tensor& values,
+                                   const Tensor& padding_mask, const Tensor& offset_normalizer, int64_t height,
+                                   int64_t width, const Tensor& value_weight, const Tensor& offset_weight,
+                                   const Tensor& attention_weight, const Tensor& output_weight, int64_t heads,
+                                   int64_t points, bool fused_coordinate, const Tensor& value, const Tensor& locations,
+                                   const Tensor& weights, const Tensor& sampled) {
+  const int64_t b = query.size(0), n = query.size(1), c = query.size(2);
+  const auto dtype = query.scalar_type();
+  const auto coordinate = locations.scalar_type();
+  // out = sampled W_out^T + b_out
+  const Tensor grad_output_weight = rows_t_mm(grad_out, sampled.to(dtype));
+  const Tensor grad_output_bias = grad_out.sum({0, 1});
+  const Tensor grad_sampled = at::matmul(grad_out, output_weight).to(coordinate).contiguous();
+  const auto [grad_value, grad_locations, grad_weights] =
+      ms_deform_sample_backward(grad_sampled, value, {height, width}, locations, weights, fused_coordinate);
+  // weights = softmax over the points of the attention logits
+  const Tensor grad_logits =
+      at::_softmax_backward_data(grad_weights.view({b, n, heads, points}), weights.view({b, n, heads, points}), -1,
+                                 coordinate)
+          .to(dtype)
+          .view({b, n, heads * points});
+  // locations = pixel centres + offsets / (W, H)
+  const Tensor grad_offsets =
+      (grad_locations / offset_normalizer.view({1, 1, 1, 1, 1, 2})).to(dtype).view({b, n, -1});
+  const Tensor grad_query = at::matmul(grad_offsets, offset_weight) + at::matmul(grad_logits, attention_weight);
+  // value = (values W_v^T + b_v) zeroed at the padded tokens
+  const Tensor grad_value_rows = grad_value.to(dtype).view({b, n, c}).masked_fill(padding_mask.unsqueeze(-1), 0.0);
+  return {grad_query,
+          at::matmul(grad_value_rows, value_weight),
+          rows_t_mm(grad_value_rows, values),
+          grad_value_rows.sum({0, 1}),
+          rows_t_mm(grad_offsets, query),
+          grad_offsets.sum({0, 1}),
+          rows_t_mm(grad_logits, query),
+          grad_logits.sum({0, 1}),
+          grad_output_weight,
+          grad_output_bias};
+}
+
 }  // namespace
 
 #define IPMT_REGISTER_FUSED_OPS(m)                                                              \
@@ -161,7 +253,9 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
   m.impl("prototype_query_update", &prototype_query_update);                                  \
   m.impl("prototype_query_update_backward", &prototype_query_update_backward);                \
   m.impl("feed_forward", &feed_forward);                                                      \
-  m.impl("feed_forward_backward", &feed_forward_backward);
+  m.impl("feed_forward_backward", &feed_forward_backward);                                    \
+  m.impl("deformable_self_attention", &deformable_self_attention);                            \
+  m.impl("deformable_self_attention_backward", &deformable_self_attention_backward);
 
 TORCH_LIBRARY_IMPL(ipmt_fast, CPU, m) { IPMT_REGISTER_FUSED_OPS(m) }
 TORCH_LIBRARY_IMPL(ipmt_fast, CUDA, m) { IPMT_REGISTER_FUSED_OPS(m) }

@@ -79,6 +79,16 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "bool recompute_hidden) -> (Tensor out, Tensor hidden)");
   m.def("feed_forward_backward(Tensor grad_out, Tensor x, Tensor hidden_weight, Tensor output_weight, "
         "Tensor? hidden_keep, float keep_scale, Tensor hidden) -> (Tensor, Tensor, Tensor)");
+  m.def("deformable_self_attention(Tensor query, Tensor values, Tensor padding_mask, Tensor reference_points, "
+        "Tensor offset_normalizer, int height, int width, "
+        "Tensor value_weight, Tensor value_bias, Tensor offset_weight, Tensor offset_bias, Tensor attention_weight, "
+        "Tensor attention_bias, Tensor output_weight, Tensor output_bias, int heads, int points, "
+        "bool fused_coordinate) -> (Tensor out, Tensor value, Tensor locations, Tensor weights, Tensor sampled)");
+  m.def("deformable_self_attention_backward(Tensor grad_out, Tensor query, Tensor values, Tensor padding_mask, "
+        "Tensor offset_normalizer, int height, int width, Tensor value_weight, Tensor offset_weight, Tensor attention_weight, "
+        "Tensor output_weight, int heads, int points, bool fused_coordinate, Tensor value, Tensor locations, "
+        "Tensor weights, Tensor sampled) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ipmt_fast, CPU, m) {

@@ -10,7 +10,8 @@ import pytest
 import torch
 from compare import assert_close, assert_low_precision_close
 
-from ipmt_fast.model.transformer import DeformableSelfAttention, offset_normalizer, pixel_centre_points
+from ipmt_fast.model.transformer import DeformableSelfAttention
+from ipmt_fast.ops.deform_attention import offset_normalizer, pixel_centre_points
 from ipmt_fast.ops import extension, ms_deform_sample, registry, selected_backend
 from ipmt_fast.ops.deform_sample import (MAX_KERNEL_LEVELS, OP_NAME, _ROUNDING_PROBES, grid_sample_rounds_once,
                                          ms_deform_sample_reference, source_coordinate)

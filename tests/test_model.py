@@ -258,7 +258,8 @@ def test_constructor_backend_reaches_every_op(backend, monkeypatch):
     model = ipmt_fast.IPMT(reduce_dim=SMALL_DIM, num_layers=2, backend=backend).train()
     model(*episode(1, 1, 97))
     ops = {op for op, _ in requested}
-    assert ops == set(registry.registered_ops()), ops
+    # Every op but ms_deform_sample, which the deformable self-attention layer's backends run inside.
+    assert ops == set(registry.registered_ops()) - {"ms_deform_sample"}, ops
     assert {name for _, name in requested} == {backend}
 
 

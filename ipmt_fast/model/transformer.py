@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..constants import FOREGROUND_LABEL, IGNORE_LABEL
-from ..ops import deform_sample, feed_forward, ffn, masked_prototype_attention, ms_deform_sample, prototype_attention, \
-    prototype_mask_logits, prototype_query_update, query_activation
+from ..ops import deform_attention, deformable_self_attention, feed_forward, ffn, masked_prototype_attention, \
+    prototype_attention, prototype_mask_logits, prototype_query_update, query_activation
+from ..ops.deform_attention import offset_normalizer, pixel_centre_points
 from ..ops.registry import BACKENDS, resolve_backend_name
 
 DROPOUT = 0.1
@@ -108,16 +109,16 @@ class MaskedPrototypeAttention(OpModule):
 
 
 class DeformableSelfAttention(OpModule):
-    """Deformable-DETR's multi-scale deformable attention (``MSDeformAttn``), sampling core via
-    ``ms_deform_sample``."""
+    """Deformable-DETR's multi-scale deformable attention (``MSDeformAttn``) with the one level IPMT
+    uses, the whole layer as the ``deformable_self_attention`` op (published parameter names)."""
 
-    def __init__(self, d_model: int, n_levels: int = 1, n_heads: int = 1, n_points: int = 9):
+    def __init__(self, d_model: int, n_heads: int = 1, n_points: int = 9):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.n_heads, self.n_points = n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
@@ -127,9 +128,9 @@ class DeformableSelfAttention(OpModule):
         nn.init.zeros_(self.sampling_offsets.weight)
         thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 2)
+        grid = grid.repeat(1, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, -1, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.flatten())
         nn.init.zeros_(self.attention_weights.weight)
@@ -138,23 +139,16 @@ class DeformableSelfAttention(OpModule):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def forward(self, query, reference_points, values, spatial_shapes, offset_normalizer, padding_mask):
-        """``spatial_shapes``: ``[(H, W)]`` per level (ints); ``offset_normalizer``: ``(levels, 2)``
-        ``(W, H)`` per level as a tensor (see :func:`offset_normalizer`)."""
-        b, nq, _ = query.shape
-        value = self.value_proj(values).masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(b, values.shape[1], self.n_heads, -1)
-        # Locations and weights stay in at least float32 even under autocast: a bf16 location in
-        # [0, 1] is only good to 1/256, a quarter pixel on a 60-wide map.
-        dtype = torch.promote_types(reference_points.dtype, torch.float32)
-        offsets = self.sampling_offsets(query).to(dtype).view(b, nq, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).to(dtype).view(b, nq, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(b, nq, self.n_heads, self.n_levels, self.n_points)
-        locations = (reference_points[:, :, None, :, None, :]
-                     + offsets / offset_normalizer[None, None, None, :, None, :])
-        out = ms_deform_sample(value.to(dtype), spatial_shapes, locations, weights,
-                               backend=self.op_backend(deform_sample.OP_NAME))
-        return self.output_proj(out)
+    def forward(self, query, values, padding_mask, reference_points, offset_normalizer, height: int, width: int):
+        """Self-attention over one ``height x width`` map: ``query`` = tokens + positional encoding,
+        ``values`` = the tokens, ``padding_mask`` True at padded tokens, the tokens' reference points
+        and the ``(W, H)`` normaliser (see :func:`ipmt_fast.ops.deformable_self_attention`)."""
+        return deformable_self_attention(
+            query, values, padding_mask, reference_points, offset_normalizer, height, width, self.value_proj.weight,
+            self.value_proj.bias,
+            self.sampling_offsets.weight, self.sampling_offsets.bias, self.attention_weights.weight,
+            self.attention_weights.bias, self.output_proj.weight, self.output_proj.bias, self.n_heads, self.n_points,
+            backend=self.op_backend(deform_attention.OP_NAME))
 
 
 def sine_positional_encoding(padding: torch.Tensor, num_feats: int, dtype: torch.dtype) -> torch.Tensor:
@@ -171,20 +165,6 @@ def sine_positional_encoding(padding: torch.Tensor, num_feats: int, dtype: torch
     pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
     pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
-
-
-def offset_normalizer(spatial_shapes, dtype, device) -> torch.Tensor:
-    """``(levels, 2)`` tensor of ``(W, H)`` per level, filled on the device (no host-to-device copy)."""
-    return torch.stack([torch.stack((torch.full((), w, dtype=dtype, device=device),
-                                     torch.full((), h, dtype=dtype, device=device))) for h, w in spatial_shapes])
-
-
-def pixel_centre_points(h: int, w: int, dtype, device) -> torch.Tensor:
-    """Pixel centres normalised to [0, 1], ``(1, h*w, 1, 2)`` as ``(x, y)``."""
-    ys = torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device) / h
-    xs = torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device) / w
-    ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1)[None, :, None, :]
 
 
 def repair_support_mask(fg: torch.Tensor) -> torch.Tensor:
@@ -241,7 +221,7 @@ class IPMTransformer(OpModule):
         self.decoder_cross_attention_layers = nn.ModuleList(
             MaskedPrototypeAttention(c, dropout, suffix="1") for _ in range(num_layers))
         self.qry_self_layers = nn.ModuleList(
-            DeformableSelfAttention(c, num_levels, num_heads, num_points) for _ in range(num_layers))
+            DeformableSelfAttention(c, num_heads, num_points) for _ in range(num_layers))
         # Support side uses norms 0..2L-1 and FFNs 0..L-1; query side norms 2L..4L-1, FFNs L..2L-1.
         self.layer_norms = nn.ModuleList(nn.LayerNorm(c) for _ in range(4 * num_layers))
         self.ffns = nn.ModuleList(FFN(c, hidden, dropout) for _ in range(2 * num_layers))
@@ -331,9 +311,8 @@ class IPMTransformer(OpModule):
         support_fg = repair_support_mask(support_labels == FOREGROUND_LABEL).flatten(1)  # shots along tokens
         support = s_x.view(b, shot, c, h * w).transpose(2, 3).reshape(b, shot * h * w, c)
         query = map_to_tokens(x)
-        spatial_shapes = [(h, w)]
-        normalizer = offset_normalizer(spatial_shapes, coord_dtype, x.device)
         reference_points = pixel_centre_points(h, w, coord_dtype, x.device)
+        normalizer = offset_normalizer([(h, w)], coord_dtype, x.device)
 
         query_logits, support_logits, mined = [], [], []
         prototype = self.prototype.weight.unsqueeze(0).expand(b, 1, c)
@@ -345,8 +324,7 @@ class IPMTransformer(OpModule):
 
         attn_mask = init_mask.flatten(1) == FOREGROUND_LABEL
         for l in range(L):
-            attended = self.qry_self_layers[l](query + pos, reference_points, query, spatial_shapes, normalizer,
-                                               padding)
+            attended = self.qry_self_layers[l](query + pos, query, padding, reference_points, normalizer, h, w)
             query = self.layer_norms[2 * L + 2 * l](query + self.proj_drop(attended))
             query = self.layer_norms[2 * L + 2 * l + 1](self.ffns[L + l](query))
             prototype = mined[l] + self.decoder_cross_attention_layers[l](mined[l], query, attn_mask)

@@ -14,12 +14,15 @@ is never touched, as autocast itself leaves it alone):
 The public op functions apply the policy with :func:`follows_autocast`; the custom ops (Triton and
 C++ kernels) get the same rule registered at their autocast dispatch keys
 (:func:`register_autocast`), so a direct ``torch.ops.ipmt_fast.*`` call under autocast, or one
-traced by ``torch.compile``, is cast the same way.
+traced by ``torch.compile``, is cast the same way. A backward op has no autocast rule: it takes
+its forward's tensors in the dtypes the forward made them (a backward run inside an autocast
+region must not cast, say, float32 sampling locations to bf16).
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import inspect
+from typing import Optional, Tuple
 
 import torch
 
@@ -58,41 +61,57 @@ def autocast_cast(value, dtype: torch.dtype):
     return value
 
 
-def follows_autocast(policy: str):
-    """Decorate a public op function: under autocast its tensor arguments are cast by ``policy``
-    and it runs with autocast disabled. The device is that of the first tensor argument."""
+def _cast_except(args, kwargs, dtype, exempt_positions, exempt_names):
+    """``args`` and ``kwargs`` cast by :func:`autocast_cast`, except the exempt ones."""
+    args = tuple(a if i in exempt_positions else autocast_cast(a, dtype) for i, a in enumerate(args))
+    kwargs = {k: v if k in exempt_names else autocast_cast(v, dtype) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def follows_autocast(policy: str, exempt: Tuple[str, ...] = ()):
+    """Decorate a public op function: under autocast its tensor arguments, but those named in
+    ``exempt``, are cast by ``policy`` and it runs with autocast disabled. The device is that of
+    the first tensor argument."""
     if policy not in AUTOCAST_POLICIES:
         raise ValueError(f"policy must be one of {AUTOCAST_POLICIES}, got {policy!r}")
 
     def decorate(op):
+        names = list(inspect.signature(op).parameters)
+        exempt_positions = frozenset(names.index(name) for name in exempt)
+
         @functools.wraps(op)
         def wrapper(*args, **kwargs):
             device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             dtype = autocast_target_dtype(policy, device.type) if device is not None else None
             if dtype is None:
                 return op(*args, **kwargs)
+            args, kwargs = _cast_except(args, kwargs, dtype, exempt_positions, exempt)
             with torch.autocast(device.type, enabled=False):
-                return op(*autocast_cast(args, dtype), **{k: autocast_cast(v, dtype) for k, v in kwargs.items()})
+                return op(*args, **kwargs)
 
         return wrapper
 
     return decorate
 
 
-def register_autocast(qualname: str, policy: str) -> None:
+def register_autocast(qualname: str, policy: str, exempt: Tuple[str, ...] = ()) -> None:
     """Register ``policy`` as the autocast rule of the custom op ``qualname`` for every device type
-    in :data:`AUTOCAST_DEVICE_TYPES` (``torch.library.register_autocast`` takes a fixed dtype;
-    ``lower_precision`` needs the one active at call time)."""
+    in :data:`AUTOCAST_DEVICE_TYPES`, the arguments named in ``exempt`` left as they are
+    (``torch.library.register_autocast`` takes a fixed dtype; ``lower_precision`` needs the one
+    active at call time)."""
     op = torch._library.utils.lookup_op(qualname)
     _, name = torch._library.utils.parse_namespace(qualname)
+    exempt_positions = frozenset(i for i, argument in enumerate(op._schema.arguments) if argument.name in exempt)
     for device_type in AUTOCAST_DEVICE_TYPES:
         autocast_key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         dispatch_key = getattr(torch._C.DispatchKey, autocast_key)
 
         def run(*args, _device_type=device_type, _dispatch_key=dispatch_key):
             dtype = autocast_target_dtype(policy, _device_type)
+            if dtype is not None:
+                args, _ = _cast_except(args, {}, dtype, exempt_positions, exempt)
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_dispatch_key)):
-                return op(*(autocast_cast(args, dtype) if dtype is not None else args))
+                return op(*args)
 
         # The Python-dispatcher path (used while tracing) and the C++ dispatcher path.
         if op.has_kernel_for_dispatch_key(dispatch_key):
@@ -108,11 +127,13 @@ def contiguous_like(*tensors: torch.Tensor):
     return empties[0] if len(empties) == 1 else empties
 
 
-def register_compiled_op(name: str, fake, backward_fake, backward, setup_context, autocast_policy: str) -> None:
+def register_compiled_op(name: str, fake, backward_fake, backward, setup_context, autocast_policy: str,
+                         autocast_exempt: Tuple[str, ...] = ()) -> None:
     """Python-side registrations of a C++ op ``ipmt_fast::name`` and its ``name_backward`` (call
     once the library is loaded, see ``extension.on_load``): fake (shape-only) implementations of
-    both, autograd of the forward through ``backward``, and the autocast rule of both."""
-    for qualname, fake_impl in ((qualified_name(name), fake), (qualified_name(f"{name}_backward"), backward_fake)):
-        torch.library.register_fake(qualname, fake_impl, lib=LIBRARY)
-        register_autocast(qualname, autocast_policy)
+    both, autograd of the forward through ``backward``, and the forward's autocast rule (the
+    arguments named in ``autocast_exempt`` keep their dtype)."""
+    torch.library.register_fake(qualified_name(name), fake, lib=LIBRARY)
+    torch.library.register_fake(qualified_name(f"{name}_backward"), backward_fake, lib=LIBRARY)
+    register_autocast(qualified_name(name), autocast_policy, autocast_exempt)
     torch.library.register_autograd(qualified_name(name), backward, setup_context=setup_context, lib=LIBRARY)

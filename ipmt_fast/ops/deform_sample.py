@@ -275,7 +275,6 @@ triton_ms_deform_sample_backward.register_fake(_fake_backward)
 triton_ms_deform_sample.register_autograd(_autograd_backward(triton_ms_deform_sample_backward),
                                           setup_context=_setup_context)
 register_autocast(TRITON_OP, "float32")
-register_autocast(TRITON_BACKWARD_OP, "float32")
 
 
 extension.on_load(lambda: register_compiled_op(

@@ -162,7 +162,6 @@ def _softmax_pool_autograd(ctx, grad_pooled, _grad_lse):
 
 triton_softmax_pool.register_autograd(_softmax_pool_autograd, setup_context=_softmax_pool_setup)
 register_autocast(qualified_name("triton_softmax_pool"), "lower_precision")
-register_autocast(qualified_name("triton_softmax_pool_backward"), "lower_precision")
 
 
 def _triton_softmax_pool(query_key, tokens, token_mask, attn_keep, scale):

@@ -188,8 +188,7 @@ def _query_update_backward(ctx, grad_out):
 
 
 triton_bias_relu_matmul.register_autograd(_query_update_backward, setup_context=_query_update_setup)
-for _name in ("triton_mask_logits", "triton_mask_logits_backward", "triton_bias_relu_matmul",
-              "triton_relu_grad_matmul"):
+for _name in ("triton_mask_logits", "triton_bias_relu_matmul"):
     register_autocast(qualified_name(_name), "lower_precision")
 
 
