@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ipmt_fast import ops
 from ipmt_fast.model.transformer import DROPOUT, FFN_EXPANSION
 from ipmt_fast.ops import registry
+from ipmt_fast.ops.deform_attention import offset_normalizer, pixel_centre_points
 from ipmt_fast.train import graphs
 
 from . import common
@@ -124,8 +125,6 @@ def make_deform_sample(b, n, c, dtype, device) -> OpInputs:
 
 def make_deformable_attention(b, n, c, dtype, device) -> OpInputs:
     """IPMT's query self-attention layer over a square map of about n tokens, a padded bottom band."""
-    from ipmt_fast.ops.deform_attention import offset_normalizer, pixel_centre_points
-
     side = max(1, round(math.sqrt(n)))
     tokens = side * side
     values = torch.randn(b, tokens, c, device=device, dtype=dtype)
