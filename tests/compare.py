@@ -15,7 +15,7 @@ error in the same dtype, plus a small floor, instead of a constant per test.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -88,19 +88,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 0.0
 
 
 def low_precision_bound(reference_lowp: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
-                        factor: float = LOW_PRECISION_FACTOR, floor_ulps: float = LOW_PRECISION_FLOOR_ULPS) -> float:
+                        factor: float = LOW_PRECISION_FACTOR, floor_ulps: float = LOW_PRECISION_FLOOR_ULPS,
+                        more_samples: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> float:
     """The relative bound for a fused result in ``dtype``: ``factor`` times the reference form's
-    own relative error against the float64 ``oracle``, plus ``floor_ulps`` of ``dtype``'s epsilon."""
-    return factor * relative_error(reference_lowp, oracle) + floor_ulps * torch.finfo(dtype).eps
+    own relative error against the float64 ``oracle``, plus ``floor_ulps`` of ``dtype``'s epsilon.
+
+    ``more_samples`` are further ``(reference_lowp, oracle)`` pairs at inputs moved by an ulp: an
+    ill-conditioned result's rounding error varies from point to point, and the largest of a few
+    samples measures it more steadily than one."""
+    own_error = max(relative_error(r, o) for r, o in ((reference_lowp, oracle), *more_samples))
+    return factor * own_error + floor_ulps * torch.finfo(dtype).eps
 
 
 def assert_low_precision_close(fused: torch.Tensor, reference_lowp: torch.Tensor, oracle: torch.Tensor,
                                dtype: Optional[torch.dtype] = None, name: str = "tensor",
                                factor: float = LOW_PRECISION_FACTOR,
-                               floor_ulps: float = LOW_PRECISION_FLOOR_ULPS) -> None:
+                               floor_ulps: float = LOW_PRECISION_FLOOR_ULPS,
+                               more_samples: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
     """Adaptive low-precision check: ``fused`` (computed in ``dtype``) is within
     :func:`low_precision_bound` of the float64 ``oracle``, element-wise relative to its scale."""
     dtype = dtype or fused.dtype
-    bound = low_precision_bound(reference_lowp, oracle, dtype, factor, floor_ulps)
+    bound = low_precision_bound(reference_lowp, oracle, dtype, factor, floor_ulps, more_samples)
+    own = max(relative_error(r, o) for r, o in ((reference_lowp, oracle), *more_samples))
     assert_close(fused, oracle, rtol=bound, name=f"{name} ({dtype}; bound = {factor:g} x reference's own error "
-                                                  f"{relative_error(reference_lowp, oracle):.3g} + floor)")
+                                                  f"{own:.3g} + floor)")

@@ -1,5 +1,6 @@
 """The model as one graph: no host syncs after warm-up, no graph breaks (also from a cold process),
 and torch.compile (fullgraph) gives eager's losses, logits and gradients."""
+import copy
 import inspect
 import json
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from compare import assert_close
+from compare import assert_close, assert_low_precision_close
 
 import ipmt_fast
 from ipmt_fast import inductor_fix
@@ -20,6 +21,13 @@ CPU_BACKENDS = ["reference", "torch", "compiled", "auto"]
 COMPILE_TOLERANCE = 1e-5
 # ... and in float64, where only the order of summation differs.
 FLOAT64_COMPILE_TOLERANCE = 1e-12
+# Inductor's float32 against the float64 oracle: at most this many times eager float32's own error.
+# Not the 2 of a fused op against the reference: Inductor rounds the whole step in its own order,
+# and on the gradients the published init makes ill-conditioned (the support-side attention's q_fc)
+# its error was measured at 2.7x eager's (9.8e-6 vs 3.7e-6; the eager reference, torch and
+# compiled backends 2.4e-6 to 3.3e-6), on any input moved by an ulp or batch order alike. A wrong
+# gradient (the scheduling bug of inductor_fix gave zeros) is off by its whole size.
+INDUCTOR_FLOAT32_FACTOR = 4.0
 SIZE, DIM, LAYERS = 65, 16, 2
 DROPOUT_SEED = 7
 
@@ -143,7 +151,12 @@ def eager_random_numbers():
     inductor_config.fallback_random = saved
 
 
-def check_inductor_matches_eager(backend, device, dtype=torch.float32, rtol=COMPILE_TOLERANCE):
+def check_inductor_matches_eager(backend, device, dtype=torch.float32):
+    """Inductor against eager, train and eval. float64 with a fixed ``rtol``; float32 adaptively:
+    the compiled result's error against the float64 eager run (same weights, same dropout masks)
+    at most INDUCTOR_FLOAT32_FACTOR times eager float32's own error, taken as the largest over the
+    inputs, two copies of them moved by one float32 ulp, and the batch in reverse order (another
+    order of the sums over it). A fixed 1e-5 failed on one machine (issue 19)."""
     model, inputs = build(backend, device), episode(device)
     model.to(dtype)
     inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
@@ -151,10 +164,70 @@ def check_inductor_matches_eager(backend, device, dtype=torch.float32, rtol=COMP
     compiled = torch.compile(model, fullgraph=True)
     model.train()
     expected = training_step(model, parameters, inputs)
-    assert_same_step(training_step(compiled, parameters, inputs), expected, rtol)
+    actual = training_step(compiled, parameters, inputs)
     model.eval()
     with torch.no_grad():
-        assert_close(compiled(*inputs), model(*inputs), rtol=rtol, name="eval logits")
+        eval_actual, eval_expected = compiled(*inputs), model(*inputs)
+    if dtype == torch.float64:
+        assert_same_step(actual, expected, FLOAT64_COMPILE_TOLERANCE)
+        assert_close(eval_actual, eval_expected, rtol=FLOAT64_COMPILE_TOLERANCE, name="eval logits")
+        return
+    oracle = eager_in_float64(model, inputs)
+    samples = [eager_in_float64(*variant, with_low_precision=True)
+               for variant in (moved(model, inputs, 1), moved(model, inputs, -1), (model, reversed_batch(inputs)))]
+    assert_same_step_adaptively(actual, expected, oracle, samples, dtype)
+    assert_low_precision_close(eval_actual, eval_expected, oracle[1], dtype, name="eval logits",
+                               factor=INDUCTOR_FLOAT32_FACTOR, more_samples=[(lowp[1], high[1]) for lowp, high in samples])
+
+
+def eager_in_float64(model, inputs, with_low_precision=False):
+    """``(training step, eval logits)`` of a float64 copy of ``model`` (same dropout masks); with
+    ``with_low_precision``, ``((step, logits) of model itself, (step, logits) in float64)``."""
+    def step_and_eval(m, xs):
+        m.train()
+        step = training_step(m, dict(m.named_parameters()), xs)
+        m.eval()
+        with torch.no_grad():
+            return step, m(*xs)
+
+    high = step_and_eval(copy.deepcopy(model).double(), [t.double() if t.is_floating_point() else t for t in inputs])
+    return (step_and_eval(model, inputs), high) if with_low_precision else high
+
+
+def moved(model, inputs, sign):
+    """Copies of ``model`` and ``inputs`` with every weight and image element moved by one ulp of
+    its dtype, alternately up and down (``sign`` picks which comes first)."""
+    model = copy.deepcopy(model)
+    inputs = [t.clone() for t in inputs]
+    with torch.no_grad():
+        for tensor in [t for t in inputs if t.is_floating_point()] + list(model.parameters()):
+            up = (torch.arange(tensor.numel(), device=tensor.device) % 2 == 0).view(tensor.shape) == (sign > 0)
+            tensor.copy_(torch.where(up, tensor.nextafter(torch.full_like(tensor, float("inf"))),
+                                     tensor.nextafter(torch.full_like(tensor, float("-inf")))))
+    return model, inputs
+
+
+def reversed_batch(inputs):
+    """The episodes of ``inputs`` in reverse order."""
+    return [t.flip(0) for t in inputs]
+
+
+def assert_same_step_adaptively(actual, expected, oracle, samples, dtype):
+    """:func:`assert_same_step` with each tensor judged against the float64 ``oracle``
+    (``(step, logits)``), eager's own error also sampled at the moved inputs ``samples``."""
+    (pred, main_loss, aux_loss, grads), (want_pred, want_main, want_aux, want_grads) = actual, expected
+    _, oracle_main, oracle_aux, oracle_grads = oracle[0]
+    steps = [(lowp[0], high[0]) for lowp, high in samples]
+    assert torch.equal(pred, want_pred)
+    for index, name, got, want, truth in ((1, "main loss", main_loss, want_main, oracle_main),
+                                          (2, "aux loss", aux_loss, want_aux, oracle_aux)):
+        assert_low_precision_close(got, want, truth, dtype, name=name, factor=INDUCTOR_FLOAT32_FACTOR,
+                                   more_samples=[(lowp[index], high[index]) for lowp, high in steps])
+    assert grads.keys() == want_grads.keys() == oracle_grads.keys()
+    for name, grad in grads.items():
+        assert_low_precision_close(grad, want_grads[name], oracle_grads[name], dtype, name=f"gradient of {name}",
+                                   factor=INDUCTOR_FLOAT32_FACTOR,
+                                   more_samples=[(lowp[3][name], high[3][name]) for lowp, high in steps])
 
 
 def test_inductor_training_step_and_eval_match_eager(eager_random_numbers):
@@ -167,7 +240,7 @@ def test_inductor_of_the_reference_matches_eager_in_float64(eager_random_numbers
     float64 keeps the reordered reductions (float32 differences of ~1e-5 here) from hiding a wrong
     gradient. Without ``ipmt_fast.inductor_fix`` (torch 2.13) every main-loss gradient came out
     exactly zero."""
-    check_inductor_matches_eager("reference", "cpu", torch.float64, FLOAT64_COMPILE_TOLERANCE)
+    check_inductor_matches_eager("reference", "cpu", torch.float64)
 
 
 def test_inductor_fix_is_applied_where_needed():
