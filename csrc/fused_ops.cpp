@@ -3,17 +3,10 @@
 // from Python replaces the dozens an autograd-recorded composition dispatches (the host issuing
 // ops, not the kernels, bounds IPMT's step at its batch sizes). Device-generic: the same code is
 // registered for CPU and CUDA tensors. Each forward returns the tensors its backward needs after
-// the result; the Python side saves them (register_autograd) and declares fake implementations.
-#include <torch/extension.h>
+// the result; autograd.cpp saves them and calls the backward op, all in C++.
+#include "fused_ops.h"
 
-#include <tuple>
-
-namespace {
-
-using torch::Tensor;
-
-// (B, R, C) -> (B*R, C) rows, for the weight gradients: sum over every row of a^T b.
-Tensor rows_t_mm(const Tensor& a, const Tensor& b) { return a.flatten(0, 1).t().mm(b.flatten(0, 1)); }
+namespace ipmt {
 
 // ---------------------------------------------------------------------------------------------
 // masked_prototype_attention: out = (sum_n softmax_n(scale * q'.T_n + bias_n) keep_n T_n) Wv^T Wo^T
@@ -25,18 +18,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
     const Tensor& prototype, const Tensor& tokens, const Tensor& token_mask, const Tensor& q_weight,
     const Tensor& k_weight, const Tensor& v_weight, const Tensor& proj_weight,
     const c10::optional<Tensor>& attn_keep, double scale, double masked_bias) {
-  const Tensor query = at::matmul(prototype, q_weight.t());
-  const Tensor query_key = at::matmul(query, k_weight);
-  Tensor bias = at::logical_not(token_mask).to(query_key.scalar_type()).mul_(masked_bias);
-  // A row with no allowed token has a uniform bias: a plain softmax without it (see the torch form).
-  bias.sub_(bias.amax(1, true));
+  const int64_t b = prototype.size(0), m = prototype.size(1), c = prototype.size(2);
+  const Tensor query = at::mm(as_rows(prototype), q_weight.t());
+  const Tensor query_key = at::mm(query, k_weight).view({b, m, c});
   // Tokens-major (B, N, M) logits, as the torch form.
-  const Tensor logits = at::bmm(tokens, query_key.transpose(1, 2)).mul_(scale).add_(bias.unsqueeze(2));
+  Tensor logits = at::bmm(tokens, query_key.transpose(1, 2));
+  mul_scalar_(logits, scale);
+  // A masked token's logit gets the published bias added; here it is set to the bias instead:
+  // either way its softmax weight underflows to exactly 0 next to any unmasked logit (e^-10000),
+  // so the results agree, with one op instead of three. A row with no allowed token has a uniform
+  // bias, i.e. a plain softmax: it gets none (see the torch form).
+  Tensor masked = at::logical_not(token_mask);
+  masked.logical_and_(token_mask.any(1, true));
+  logits.masked_fill_(masked.unsqueeze(2), masked_bias);
   const Tensor attention = at::_softmax(logits, 1, false);
-  const Tensor kept = attn_keep.has_value() ? attention * attn_keep->transpose(1, 2) : attention;
+  const Tensor kept = attn_keep.has_value() ? at::mul(attention, attn_keep->transpose(1, 2)) : attention;
   const Tensor pooled = at::bmm(kept.transpose(1, 2), tokens);
-  const Tensor value = at::matmul(pooled, v_weight.t());
-  return {at::matmul(value, proj_weight.t()), query, query_key, attention, pooled, value};
+  const Tensor value = at::mm(pooled.view({b * m, c}), v_weight.t());
+  Tensor out = at::mm(value, proj_weight.t()).view({b, m, c});
+  return {out, query.view({b, m, c}), query_key, attention, pooled, value.view({b, m, c})};
 }
 
 // Returns the gradients of (prototype, tokens, q_weight, k_weight, v_weight, proj_weight).
@@ -45,24 +45,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
     const Tensor& k_weight, const Tensor& v_weight, const Tensor& proj_weight,
     const c10::optional<Tensor>& attn_keep, double scale, const Tensor& query, const Tensor& query_key,
     const Tensor& attention, const Tensor& pooled, const Tensor& value) {
-  const Tensor grad_value = at::matmul(grad_out, proj_weight);
-  const Tensor grad_proj = rows_t_mm(grad_out, value);
-  const Tensor grad_pooled = at::matmul(grad_value, v_weight);
-  const Tensor grad_v = rows_t_mm(grad_value, pooled);
+  const int64_t b = prototype.size(0), m = prototype.size(1), c = prototype.size(2);
+  const Tensor grad_rows = as_rows(grad_out);
+  const Tensor grad_value = at::mm(grad_rows, proj_weight);
+  const Tensor grad_proj = at::mm(grad_rows.t(), value.view({b * m, c}));
+  const Tensor grad_pooled = at::mm(grad_value, v_weight).view({b, m, c});
+  const Tensor grad_v = at::mm(grad_value.t(), pooled.view({b * m, c}));
   const Tensor keep_t = attn_keep.has_value() ? attn_keep->transpose(1, 2) : Tensor();
-  const Tensor kept = attn_keep.has_value() ? attention * keep_t : attention;
+  const Tensor kept = attn_keep.has_value() ? at::mul(attention, keep_t) : attention;
   // pooled = kept^T T
   Tensor grad_attention = at::bmm(tokens, grad_pooled.transpose(1, 2));
   if (attn_keep.has_value()) grad_attention.mul_(keep_t);
-  const Tensor grad_logits = at::_softmax_backward_data(grad_attention, attention, 1, attention.scalar_type());
-  // dT = kept dpooled + scale * dlogits q': one (B, N, 2M) x (B, 2M, C) product.
-  const Tensor grad_tokens =
-      at::bmm(at::cat({kept, grad_logits * scale}, 2), at::cat({grad_pooled, query_key}, 1));
-  const Tensor grad_query_key = at::bmm(grad_logits.transpose(1, 2), tokens).mul_(scale);
-  const Tensor grad_query = at::matmul(grad_query_key, k_weight.t());
-  const Tensor grad_k = rows_t_mm(query, grad_query_key);
-  const Tensor grad_prototype = at::matmul(grad_query, q_weight);
-  const Tensor grad_q = rows_t_mm(grad_query, prototype);
+  // The logits' gradient times the scale: that of T q'^T.
+  Tensor grad_logits = at::_softmax_backward_data(grad_attention, attention, 1, attention.scalar_type());
+  mul_scalar_(grad_logits, scale);
+  // dT = kept dpooled + dlogits q': one (B, N, 2M) x (B, 2M, C) product.
+  const Tensor grad_tokens = at::bmm(at::cat({kept, grad_logits}, 2), at::cat({grad_pooled, query_key}, 1));
+  const Tensor grad_query_key = at::bmm(grad_logits.transpose(1, 2), tokens).view({b * m, c});
+  const Tensor grad_query = at::mm(grad_query_key, k_weight.t());
+  const Tensor grad_k = at::mm(query.view({b * m, c}).t(), grad_query_key);
+  const Tensor grad_prototype = at::mm(grad_query, q_weight).view({b, m, c});
+  const Tensor grad_q = at::mm(grad_query.t(), as_rows(prototype));
   return {grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj};
 }
 
@@ -72,7 +75,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
 
 std::tuple<Tensor, Tensor> prototype_mask_logits(const Tensor& embedding, const Tensor& tokens, double threshold) {
   Tensor logits = at::bmm(embedding, tokens.transpose(1, 2));
-  Tensor next_mask = at::ge(logits, threshold);
+  Tensor next_mask = ge_scalar(logits, threshold);
   return {logits, next_mask};
 }
 
@@ -85,16 +88,22 @@ std::tuple<Tensor, Tensor> prototype_mask_logits_backward(const Tensor& grad_log
 // prototype_query_update: ReLU(Q Wq^T + P Wp^T) with the 1x1 conv weight split as [Wq | Wp].
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// (Wq, Wp) as (C, C) views of the (C, 2C, 1, 1) weight, in `dtype`.
 std::tuple<Tensor, Tensor> split_update_weight(const Tensor& weight, at::ScalarType dtype) {
   const int64_t channels = weight.size(0);
-  const Tensor matrix = weight.select(3, 0).select(2, 0).to(dtype);
+  const Tensor matrix = cast(weight.reshape({channels, 2 * channels}), dtype);
   return {matrix.narrow(1, 0, channels), matrix.narrow(1, channels, channels)};
 }
 
+}  // namespace
+
 Tensor prototype_query_update(const Tensor& query, const Tensor& prototype, const Tensor& weight) {
   const auto [query_weight, prototype_weight] = split_update_weight(weight, query.scalar_type());
-  const Tensor bias = at::linear(prototype, prototype_weight);  // (B, 1, C), broadcast over the tokens
   const int64_t b = query.size(0), c = query.size(2);
+  // (B, 1, C): the prototype half, broadcast over the tokens by baddbmm.
+  const Tensor bias = at::mm(as_rows(prototype), prototype_weight.t()).view({b, 1, c});
   return at::baddbmm(bias, query, query_weight.t().expand({b, c, c})).relu_();
 }
 
@@ -103,33 +112,50 @@ std::tuple<Tensor, Tensor, Tensor> prototype_query_update_backward(const Tensor&
                                                                    const Tensor& query, const Tensor& prototype,
                                                                    const Tensor& weight) {
   const auto [query_weight, prototype_weight] = split_update_weight(weight, query.scalar_type());
+  const int64_t b = query.size(0), c = query.size(2);
   const Tensor grad_pre = at::threshold_backward(grad_out, output, 0);
-  const Tensor grad_bias = grad_pre.sum(1, true);  // (B, 1, C)
-  const Tensor grad_query = at::matmul(grad_pre, query_weight);
-  const Tensor grad_prototype = at::matmul(grad_bias, prototype_weight);
-  const Tensor grad_weight =
-      at::cat({rows_t_mm(grad_pre, query), rows_t_mm(grad_bias, prototype)}, 1).to(weight.scalar_type());
-  return {grad_query, grad_prototype, grad_weight.unsqueeze(2).unsqueeze(3)};
+  const Tensor grad_bias = grad_pre.sum(1);  // (B, C)
+  const Tensor grad_pre_rows = as_rows(grad_pre);
+  const Tensor grad_query = at::mm(grad_pre_rows, query_weight).view(query.sizes());
+  const Tensor grad_prototype = at::mm(grad_bias, prototype_weight).view({b, 1, c});
+  const Tensor grad_weight = at::cat({at::mm(grad_pre_rows.t(), as_rows(query)),
+                                      at::mm(grad_bias.t(), as_rows(prototype))}, 1);
+  return {grad_query, grad_prototype, cast(grad_weight, weight.scalar_type()).view(weight.sizes())};
 }
 
 // ---------------------------------------------------------------------------------------------
 // feed_forward: Lin2(keep * scale * ReLU(Lin1(x))), keeping h (or only the keep mask) (ffn.py).
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// keep * scale * ReLU(x W1^T) as rows (B*N, H).
 Tensor hidden_activation(const Tensor& x, const Tensor& hidden_weight, const c10::optional<Tensor>& hidden_keep,
                          double keep_scale) {
-  Tensor hidden = at::linear(x, hidden_weight).relu_();
-  if (hidden_keep.has_value()) hidden.mul_(*hidden_keep).mul_(keep_scale);
+  Tensor hidden = at::mm(as_rows(x), hidden_weight.t()).relu_();
+  if (hidden_keep.has_value()) {
+    // Zeroed where dropped, then scaled: x * keep * scale without casting the bool mask.
+    hidden.masked_fill_(at::logical_not(as_rows(*hidden_keep)), 0);
+    mul_scalar_(hidden, keep_scale);
+  }
   return hidden;
 }
+
+at::DimVector with_last(at::IntArrayRef sizes, int64_t last) {
+  at::DimVector shape(sizes.begin(), sizes.end());
+  shape.back() = last;
+  return shape;
+}
+
+}  // namespace
 
 // Returns (out, hidden); hidden is empty when it is to be recomputed in backward.
 std::tuple<Tensor, Tensor> feed_forward(const Tensor& x, const Tensor& hidden_weight, const Tensor& output_weight,
                                         const c10::optional<Tensor>& hidden_keep, double keep_scale,
                                         bool recompute_hidden) {
-  Tensor hidden = hidden_activation(x, hidden_weight, hidden_keep, keep_scale);
-  Tensor out = at::linear(hidden, output_weight);
-  return {out, recompute_hidden ? hidden.new_empty({0}) : hidden};
+  const Tensor hidden = hidden_activation(x, hidden_weight, hidden_keep, keep_scale);
+  Tensor out = at::mm(hidden, output_weight.t()).view(with_last(x.sizes(), output_weight.size(0)));
+  return {out, recompute_hidden ? hidden.new_empty({0}) : hidden.view(with_last(x.sizes(), hidden.size(1)))};
 }
 
 // Returns the gradients of (x, hidden_weight, output_weight).
@@ -137,17 +163,16 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
                                                          const Tensor& hidden_weight, const Tensor& output_weight,
                                                          const c10::optional<Tensor>& hidden_keep, double keep_scale,
                                                          const Tensor& saved_hidden) {
-  const Tensor hidden =
-      saved_hidden.numel() > 0 ? saved_hidden : hidden_activation(x, hidden_weight, hidden_keep, keep_scale);
-  const Tensor grad_rows = grad_out.reshape({-1, grad_out.size(-1)});
-  const Tensor hidden_rows = hidden.reshape({-1, hidden.size(-1)});
-  const Tensor grad_output_weight = grad_rows.t().mm(hidden_rows);
+  const Tensor hidden_rows = saved_hidden.numel() > 0 ? as_rows(saved_hidden)
+                                                      : hidden_activation(x, hidden_weight, hidden_keep, keep_scale);
+  const Tensor grad_rows = as_rows(grad_out);
+  const Tensor grad_output_weight = at::mm(grad_rows.t(), hidden_rows);
   // Through the dropout (x scale on kept units) and the ReLU: h > 0 exactly where both pass.
-  Tensor grad_hidden = grad_rows.mm(output_weight);
-  if (keep_scale != 1.0) grad_hidden.mul_(keep_scale);
+  Tensor grad_hidden = at::mm(grad_rows, output_weight);
+  if (keep_scale != 1.0) mul_scalar_(grad_hidden, keep_scale);
   const Tensor grad_pre = at::threshold_backward(grad_hidden, hidden_rows, 0);
-  const Tensor grad_hidden_weight = grad_pre.t().mm(x.reshape({-1, x.size(-1)}));
-  const Tensor grad_x = grad_pre.mm(hidden_weight).view(x.sizes());
+  const Tensor grad_hidden_weight = at::mm(grad_pre.t(), as_rows(x));
+  const Tensor grad_x = at::mm(grad_pre, hidden_weight).view(x.sizes());
   return {grad_x, grad_hidden_weight, grad_output_weight};
 }
 
@@ -155,6 +180,8 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
 // deformable_self_attention: IPMT's query self-attention layer over one h x w map
 // (ipmt_fast/ops/deform_attention.py): projections, offsets, softmax, locations, sampling.
 // ---------------------------------------------------------------------------------------------
+
+namespace {
 
 // The sampling ops of this library, called through the dispatcher (CPU or CUDA kernels).
 Tensor ms_deform_sample(const Tensor& value, c10::IntArrayRef shapes, const Tensor& locations, const Tensor& weights,
@@ -176,6 +203,13 @@ std::tuple<Tensor, Tensor, Tensor> ms_deform_sample_backward(const Tensor& grad,
   return op.call(grad, value, shapes, locations, weights, fused_coordinate);
 }
 
+// x W^T + bias over the rows of x, as at::linear computes it (addmm).
+Tensor linear_rows(const Tensor& x_rows, const Tensor& weight, const Tensor& bias) {
+  return at::addmm(bias, x_rows, weight.t());
+}
+
+}  // namespace
+
 // Returns (out, value, locations, weights, sampled): value (B, N, heads, D), locations
 // (B, N, heads, 1, P, 2), weights (B, N, heads, 1, P) and sampled (B, N, C) in the dtype of the
 // reference points (at least float32).
@@ -187,17 +221,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deformable_self_attention(
     int64_t points, bool fused_coordinate) {
   const int64_t b = query.size(0), n = query.size(1);
   const auto coordinate = reference_points.scalar_type();
-  const Tensor value = at::linear(values, value_weight, value_bias)
-                           .masked_fill(padding_mask.unsqueeze(-1), 0.0)
-                           .view({b, n, heads, -1})
-                           .to(coordinate);
-  const Tensor offsets = at::linear(query, offset_weight, offset_bias).to(coordinate).view({b, n, heads, 1, points, 2});
-  const Tensor logits = at::linear(query, attention_weight, attention_bias).to(coordinate).view({b, n, heads, points});
+  const Tensor query_rows = as_rows(query);
+  Tensor projected = linear_rows(as_rows(values), value_weight, value_bias);
+  projected.masked_fill_(padding_mask.view({b * n, 1}), 0);
+  const Tensor value = cast(projected, coordinate).view({b, n, heads, -1});
+  const Tensor offsets = cast(linear_rows(query_rows, offset_weight, offset_bias), coordinate)
+                             .view({b, n, heads, 1, points, 2});
+  const Tensor logits = cast(linear_rows(query_rows, attention_weight, attention_bias), coordinate)
+                            .view({b, n, heads, points});
   const Tensor weights = at::_softmax(logits, -1, false).view({b, n, heads, 1, points});
-  // The Python layer's reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :].
+  // The Python layer's reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :],
+  // with its two roundings (the sampling's kinks at pixel centres depend on the last bit).
   const Tensor locations = reference_points.view({1, n, 1, 1, 1, 2}) + offsets / offset_normalizer.view({1, 1, 1, 1, 1, 2});
   const Tensor sampled = ms_deform_sample(value, {height, width}, locations, weights, fused_coordinate);
-  const Tensor out = at::linear(sampled.to(query.scalar_type()), output_weight, output_bias);
+  Tensor out = linear_rows(as_rows(cast(sampled, query.scalar_type())), output_weight, output_bias)
+                   .view({b, n, output_weight.size(0)});
   return {out, value, locations, weights, sampled};
 }
 
@@ -213,49 +251,53 @@ deformable_self_attention_backward(const Tensor& grad_out, const Tensor& query, 
   const int64_t b = query.size(0), n = query.size(1), c = query.size(2);
   const auto dtype = query.scalar_type();
   const auto coordinate = locations.scalar_type();
+  const Tensor query_rows = as_rows(query);
   // out = sampled W_out^T + b_out
-  const Tensor grad_output_weight = rows_t_mm(grad_out, sampled.to(dtype));
-  const Tensor grad_output_bias = grad_out.sum({0, 1});
-  const Tensor grad_sampled = at::matmul(grad_out, output_weight).to(coordinate).contiguous();
+  const Tensor grad_rows = as_rows(grad_out);
+  const Tensor grad_output_weight = at::mm(grad_rows.t(), as_rows(cast(sampled, dtype)));
+  const Tensor grad_output_bias = grad_rows.sum(0);
+  const Tensor grad_sampled = cast(at::mm(grad_rows, output_weight), coordinate).view({b, n, -1});
   const auto [grad_value, grad_locations, grad_weights] =
       ms_deform_sample_backward(grad_sampled, value, {height, width}, locations, weights, fused_coordinate);
   // weights = softmax over the points of the attention logits
-  const Tensor grad_logits =
-      at::_softmax_backward_data(grad_weights.view({b, n, heads, points}), weights.view({b, n, heads, points}), -1,
-                                 coordinate)
-          .to(dtype)
-          .view({b, n, heads * points});
+  const Tensor grad_logits = cast(at::_softmax_backward_data(grad_weights.view({b, n, heads, points}),
+                                                             weights.view({b, n, heads, points}), -1, coordinate),
+                                  dtype)
+                                 .view({b * n, heads * points});
   // locations = pixel centres + offsets / (W, H)
   const Tensor grad_offsets =
-      (grad_locations / offset_normalizer.view({1, 1, 1, 1, 1, 2})).to(dtype).view({b, n, -1});
-  const Tensor grad_query = at::matmul(grad_offsets, offset_weight) + at::matmul(grad_logits, attention_weight);
+      cast(grad_locations / offset_normalizer.view({1, 1, 1, 1, 1, 2}), dtype).view({b * n, heads * points * 2});
+  Tensor grad_query_rows = at::mm(grad_offsets, offset_weight);
+  grad_query_rows.addmm_(grad_logits, attention_weight);
   // value = (values W_v^T + b_v) zeroed at the padded tokens
-  const Tensor grad_value_rows = grad_value.to(dtype).view({b, n, c}).masked_fill(padding_mask.unsqueeze(-1), 0.0);
-  return {grad_query,
-          at::matmul(grad_value_rows, value_weight),
-          rows_t_mm(grad_value_rows, values),
-          grad_value_rows.sum({0, 1}),
-          rows_t_mm(grad_offsets, query),
-          grad_offsets.sum({0, 1}),
-          rows_t_mm(grad_logits, query),
-          grad_logits.sum({0, 1}),
+  // In place: grad_value is this function's own temporary.
+  Tensor grad_value_rows = cast(grad_value, dtype).reshape({b * n, c});
+  grad_value_rows.masked_fill_(padding_mask.view({b * n, 1}), 0);
+  return {grad_query_rows.view({b, n, c}),
+          at::mm(grad_value_rows, value_weight).view({b, n, c}),
+          at::mm(grad_value_rows.t(), as_rows(values)),
+          grad_value_rows.sum(0),
+          at::mm(grad_offsets.t(), query_rows),
+          grad_offsets.sum(0),
+          at::mm(grad_logits.t(), query_rows),
+          grad_logits.sum(0),
           grad_output_weight,
           grad_output_bias};
 }
 
-}  // namespace
+}  // namespace ipmt
 
 #define IPMT_REGISTER_FUSED_OPS(m)                                                              \
-  m.impl("masked_prototype_attention", &masked_prototype_attention);                          \
-  m.impl("masked_prototype_attention_backward", &masked_prototype_attention_backward);        \
-  m.impl("prototype_mask_logits", &prototype_mask_logits);                                    \
-  m.impl("prototype_mask_logits_backward", &prototype_mask_logits_backward);                  \
-  m.impl("prototype_query_update", &prototype_query_update);                                  \
-  m.impl("prototype_query_update_backward", &prototype_query_update_backward);                \
-  m.impl("feed_forward", &feed_forward);                                                      \
-  m.impl("feed_forward_backward", &feed_forward_backward);                                    \
-  m.impl("deformable_self_attention", &deformable_self_attention);                            \
-  m.impl("deformable_self_attention_backward", &deformable_self_attention_backward);
+  m.impl("masked_prototype_attention", &ipmt::masked_prototype_attention);                    \
+  m.impl("masked_prototype_attention_backward", &ipmt::masked_prototype_attention_backward);  \
+  m.impl("prototype_mask_logits", &ipmt::prototype_mask_logits);                              \
+  m.impl("prototype_mask_logits_backward", &ipmt::prototype_mask_logits_backward);            \
+  m.impl("prototype_query_update", &ipmt::prototype_query_update);                            \
+  m.impl("prototype_query_update_backward", &ipmt::prototype_query_update_backward);          \
+  m.impl("feed_forward", &ipmt::feed_forward);                                                \
+  m.impl("feed_forward_backward", &ipmt::feed_forward_backward);                              \
+  m.impl("deformable_self_attention", &ipmt::deformable_self_attention);                      \
+  m.impl("deformable_self_attention_backward", &ipmt::deformable_self_attention_backward);
 
 TORCH_LIBRARY_IMPL(ipmt_fast, CPU, m) { IPMT_REGISTER_FUSED_OPS(m) }
 TORCH_LIBRARY_IMPL(ipmt_fast, CUDA, m) { IPMT_REGISTER_FUSED_OPS(m) }

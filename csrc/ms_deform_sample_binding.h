@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "ms_deform_sample.h"
+#include "tensor_utils.h"
 
 namespace ipmt {
 
@@ -43,8 +44,8 @@ inline MsDeformSampleInputs prepare_inputs(const torch::Tensor& value, c10::IntA
   TORCH_CHECK(value.dim() == 4 && sampling_locations.dim() == 6 && attention_weights.dim() == 5,
               "ms_deform_sample: expected value (B, S, heads, D), sampling_locations (B, Nq, heads, L, P, 2) and "
               "attention_weights (B, Nq, heads, L, P)");
-  MsDeformSampleInputs in{value.to(dtype).contiguous(), sampling_locations.to(dtype).contiguous(),
-                          attention_weights.to(dtype).contiguous(), {}, {}};
+  MsDeformSampleInputs in{cast(value, dtype).contiguous(), cast(sampling_locations, dtype).contiguous(),
+                          cast(attention_weights, dtype).contiguous(), {}, {}};
   in.sizes = MsDeformSampleSizes{value.size(0), value.size(1), value.size(2), value.size(3),
                                  sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
   in.layout = level_layout(spatial_shapes, in.sizes.levels, in.sizes.tokens);

@@ -48,7 +48,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> ms_deform_sample_backwar
   const auto dtype = value.scalar_type();
   const auto in = ipmt::prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, dtype);
   const auto& s = in.sizes;
-  const auto grad = grad_output.to(dtype).contiguous();
+  const auto grad = ipmt::cast(grad_output, dtype).contiguous();
   // grad_value is scattered with atomics into an fp32 (fp64) buffer, cast at the end.
   const auto accumulator = dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
   auto grad_value = torch::zeros(in.value.sizes(), in.value.options().dtype(accumulator));
@@ -58,7 +58,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> ms_deform_sample_backwar
       cuda_dtype(dtype), s, in.layout, fused_coordinate, in.value.data_ptr(), in.sampling_locations.data_ptr(),
       in.attention_weights.data_ptr(), grad.data_ptr(), grad_value.data_ptr(), grad_locations.data_ptr(),
       grad_weights.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  return {grad_value.to(dtype), grad_locations, grad_weights};
+  return {ipmt::cast(grad_value, dtype), grad_locations, grad_weights};
 }
 
 }  // namespace

@@ -5,21 +5,24 @@ L times. Query side: deformable self-attention over the query map, the prototype
 the query tokens under the current mask, the prediction head emits mask logits (and the next
 mask), and the query is updated by the prototype-conditioned 1x1 conv plus a 3x3 residual.
 
-The hot paths go through ``ipmt_fast.ops``; the ``backend`` attribute chooses their
-implementation and never changes what is computed. Parameter names match the published
+Each sub-layer is one op of ``ipmt_fast.ops.blocks`` (attention, FFN, prediction head, deformable
+self-attention and query update, each with its dropouts, residual and layer norm), so a layer is a
+handful of op calls; the ``backend`` attribute chooses their implementation and never changes what
+is computed. Parameter names match the published
 checkpoints; the published code's never-used layer norms and FFNs are not created.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..constants import FOREGROUND_LABEL, IGNORE_LABEL
-from ..ops import deform_attention, deformable_self_attention, feed_forward, ffn, masked_prototype_attention, \
-    prototype_attention, prototype_mask_logits, prototype_query_update, query_activation
+from ..ops import blocks, registry
+from ..ops.blocks import map_to_tokens, tokens_to_map
 from ..ops.deform_attention import offset_normalizer, pixel_centre_points
 from ..ops.registry import BACKENDS, resolve_backend_name
 
@@ -39,21 +42,45 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+def norm_arguments(norm: Optional[nn.LayerNorm]) -> tuple:
+    """``(weight, bias, eps)`` of a layer norm, or no norm."""
+    return (None, None, blocks.LAYER_NORM_EPS) if norm is None else (norm.weight, norm.bias, norm.eps)
+
+
 class OpModule(nn.Module):
     """A module whose forward calls ``ipmt_fast.ops``; ``backend`` (a model-wide name) picks
-    their implementation."""
+    their implementation, resolved once per op and device type (:meth:`implementation`): a call
+    then goes straight to the backend's form, its arguments checked where they entered the model."""
 
     backend = "auto"
 
+    def __init__(self):
+        super().__init__()
+        self._implementations = {}
+
     def op_backend(self, op: str) -> str:
         """The backend ``op`` runs with: the model-wide name, or ``torch`` for an op that has no
-        implementation of that name (``compiled`` exists only for ``ms_deform_sample``)."""
+        implementation of that name."""
         return resolve_backend_name(op, self.backend)
+
+    def implementation(self, op: str, device: torch.device):
+        """The function that runs ``op`` on ``device``'s tensors with this module's backend."""
+        key = (op, device.type)
+        fn = self._implementations.get(key)
+        if fn is None:
+            fn = registry.get_implementation(op, self.op_backend(op), device)
+            if not torch.compiler.is_compiling():  # a trace must not mutate the module
+                self._implementations[key] = fn
+        return fn
+
+    def forget_implementations(self) -> None:
+        """Resolve every op again at its next call (after the backend changed)."""
+        self._implementations.clear()
 
 
 class FFN(OpModule):
-    """``x + Drop(Lin2(Drop(ReLU(Lin1(x)))))`` with bias-free linears (published ``FFN``); the
-    bracket runs as the ``feed_forward`` op.
+    """``x + Drop(Lin2(Drop(ReLU(Lin1(x)))))`` with bias-free linears (published ``FFN``), and the
+    layer norm after it when given, as the ``feed_forward_block`` op.
 
     ``recompute_hidden`` (see :func:`ipmt_fast.ops.feed_forward`) keeps only the hidden dropout
     mask for backward and recomputes the hidden activation there: less memory, one more matmul.
@@ -69,22 +96,23 @@ class FFN(OpModule):
             nn.Linear(hidden, dims, bias=False))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
-        hidden_linear, hidden_dropout, output_linear = self.layers[0][0], self.layers[0][2], self.layers[1]
-        hidden_keep = None
-        if self.training and hidden_dropout.p > 0:
-            # Drawn here so every backend drops the same units; bools are a quarter of a float mask.
-            hidden_keep = torch.empty(*x.shape[:-1], hidden_linear.out_features, dtype=torch.bool,
-                                      device=x.device).bernoulli_(1.0 - hidden_dropout.p)
-        out = feed_forward(x, hidden_linear.weight, output_linear.weight, hidden_keep, hidden_dropout.p,
-                           self.recompute_hidden, backend=self.op_backend(ffn.OP_NAME))
-        return x + self.dropout(out)
+    @property
+    def weights(self) -> tuple:
+        """``(hidden_weight, output_weight)``."""
+        return self.layers[0][0].weight, self.layers[1].weight
+
+    def forward(self, x, norm: Optional[nn.LayerNorm] = None):
+        """The FFN of ``x`` and, when given, ``norm`` of it. Both dropouts use ``self.dropout.p``
+        (the published FFN builds both with one probability)."""
+        fn = self.implementation(blocks.FEED_FORWARD_BLOCK, x.device)
+        return fn(x, *self.weights, *norm_arguments(norm), self.dropout.p, self.training, self.recompute_hidden)
 
 
 class MaskedPrototypeAttention(OpModule):
     """Single-head attention from prototypes over masked tokens (``MyCrossAttention`` /
-    ``QSCrossAttention``). ``suffix`` reproduces the published names: ``q_fc``... on the support
-    side, ``q1_fc``... on the query side."""
+    ``QSCrossAttention``), with its output dropout, the residual and, when given, a layer norm:
+    ``[norm](P + Drop(attention(P, T)))``, as the ``prototype_attention_block`` op. ``suffix``
+    reproduces the published names: ``q_fc``... on the support side, ``q1_fc``... on the query side."""
 
     def __init__(self, dim: int, dropout: float = DROPOUT, suffix: str = ""):
         super().__init__()
@@ -95,22 +123,19 @@ class MaskedPrototypeAttention(OpModule):
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, prototype, tokens, token_mask):
-        b, m, _ = prototype.shape
-        attn_keep = None
-        if self.training and self.attn_drop.p > 0:
-            # Draw the attention-dropout mask here so every backend applies the same one.
-            attn_keep = self.attn_drop(prototype.new_ones(b, m, tokens.shape[1]))
+    def forward(self, prototype, tokens, token_mask, norm: Optional[nn.LayerNorm] = None):
+        """Both dropouts use ``self.attn_drop.p`` (the published layer builds both with one)."""
         q_fc, k_fc, v_fc = (getattr(self, name) for name in self._names)
-        out = masked_prototype_attention(prototype, tokens, token_mask, q_fc.weight, k_fc.weight, v_fc.weight,
-                                         self.proj.weight, attn_keep=attn_keep,
-                                         backend=self.op_backend(prototype_attention.OP_NAME))
-        return self.proj_drop(out)
+        fn = self.implementation(blocks.ATTENTION_BLOCK, prototype.device)
+        return fn(prototype, tokens, token_mask, q_fc.weight, k_fc.weight, v_fc.weight, self.proj.weight,
+                  *norm_arguments(norm), self.attn_drop.p, self.training)
 
 
 class DeformableSelfAttention(OpModule):
     """Deformable-DETR's multi-scale deformable attention (``MSDeformAttn``) with the one level IPMT
-    uses, the whole layer as the ``deformable_self_attention`` op (published parameter names)."""
+    uses (published parameter names); its forward is the query self-attention layer with the
+    transformer's dropout, residual and layer norm around it, as the
+    ``deformable_self_attention_block`` op."""
 
     def __init__(self, d_model: int, n_heads: int = 1, n_points: int = 9):
         super().__init__()
@@ -139,16 +164,18 @@ class DeformableSelfAttention(OpModule):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def forward(self, query, values, padding_mask, reference_points, offset_normalizer, height: int, width: int):
-        """Self-attention over one ``height x width`` map: ``query`` = tokens + positional encoding,
-        ``values`` = the tokens, ``padding_mask`` True at padded tokens, the tokens' reference points
-        and the ``(W, H)`` normaliser (see :func:`ipmt_fast.ops.deformable_self_attention`)."""
-        return deformable_self_attention(
-            query, values, padding_mask, reference_points, offset_normalizer, height, width, self.value_proj.weight,
-            self.value_proj.bias,
-            self.sampling_offsets.weight, self.sampling_offsets.bias, self.attention_weights.weight,
-            self.attention_weights.bias, self.output_proj.weight, self.output_proj.bias, self.n_heads, self.n_points,
-            backend=self.op_backend(deform_attention.OP_NAME))
+    def forward(self, tokens, pos, padding_mask, reference_points, offset_normalizer, height: int, width: int,
+                norm: nn.LayerNorm, dropout_p: float):
+        """``norm(tokens + Drop(attention(tokens + pos, tokens)))`` over one ``height x width`` map:
+        ``pos`` the positional encoding, ``padding_mask`` True at padded tokens, the tokens'
+        reference points and the ``(W, H)`` normaliser (see
+        :func:`ipmt_fast.ops.deformable_self_attention`), ``dropout_p`` the dropout's probability."""
+        fn = self.implementation(blocks.DEFORMABLE_BLOCK, tokens.device)
+        return fn(tokens, pos, padding_mask, reference_points, offset_normalizer, height, width,
+                  self.value_proj.weight, self.value_proj.bias, self.sampling_offsets.weight,
+                  self.sampling_offsets.bias, self.attention_weights.weight, self.attention_weights.bias,
+                  self.output_proj.weight, self.output_proj.bias, self.n_heads, self.n_points, norm.weight, norm.bias,
+                  norm.eps, dropout_p, self.training)
 
 
 def sine_positional_encoding(padding: torch.Tensor, num_feats: int, dtype: torch.dtype) -> torch.Tensor:
@@ -182,16 +209,6 @@ def repair_support_mask(fg: torch.Tensor) -> torch.Tensor:
     fg = fg | (centre & empty)
     full = fg.all(-1, keepdim=True).all(-2, keepdim=True)
     return fg & ~(corners & full)
-
-
-def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``(B, h*w, C)`` tokens as a ``(B, C, h, w)`` channels-last view (no copy)."""
-    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
-
-
-def map_to_tokens(fmap: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` map to ``(B, h*w, C)`` tokens (a view when the map is channels-last)."""
-    return fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])
 
 
 class IPMTransformer(OpModule):
@@ -247,6 +264,7 @@ class IPMTransformer(OpModule):
         for m in self.modules():
             if isinstance(m, OpModule):
                 m.backend = backend
+                m.forget_implementations()
         return self
 
     def set_recompute_ffn(self, recompute: bool) -> "IPMTransformer":
@@ -269,11 +287,17 @@ class IPMTransformer(OpModule):
         nn.init.xavier_uniform_(self.level_embed)
 
     def prediction_head(self, prototype, tokens):
-        """Mask logits ``(B, 1, N)`` of ``tokens`` and the next attention mask ``(B, N)``."""
-        embedding = self.mask_embed(self.decoder_norm(prototype))
-        logits, next_mask = prototype_mask_logits(embedding, tokens,
-                                                  backend=self.op_backend(query_activation.MASK_LOGITS_OP))
+        """Mask logits ``(B, 1, N)`` of ``tokens`` and the next attention mask ``(B, N)``: the
+        ``prediction_head`` op over ``decoder_norm`` and ``mask_embed``."""
+        fn = self.implementation(blocks.PREDICTION_HEAD, prototype.device)
+        logits, next_mask = fn(prototype, tokens, *norm_arguments(self.decoder_norm), *self.mask_embed.weights,
+                               self.mask_embed.dropout.p, self.training)
         return logits, next_mask[:, 0]
+
+    def update_query(self, l: int, query, prototype, h: int, w: int):
+        """``update_q[l]`` then the ``res_q[l]`` residual on the ``h x w`` map (``query_update_block``)."""
+        fn = self.implementation(blocks.QUERY_UPDATE_BLOCK, query.device)
+        return fn(query, prototype, self.update_q[l][0].weight, self.res_q[l][0].weight, self.res_q[l][2].weight, h, w)
 
     def forward(self, x, qry_masks, s_x, supp_mask, init_mask):
         """Run the transformer.
@@ -317,25 +341,20 @@ class IPMTransformer(OpModule):
         query_logits, support_logits, mined = [], [], []
         prototype = self.prototype.weight.unsqueeze(0).expand(b, 1, c)
         for l in range(L):
-            prototype = self.layer_norms[2 * l](prototype + self.cross_layers[l](prototype, support, support_fg))
-            prototype = self.layer_norms[2 * l + 1](self.ffns[l](prototype))
+            prototype = self.cross_layers[l](prototype, support, support_fg, self.layer_norms[2 * l])
+            prototype = self.ffns[l](prototype, self.layer_norms[2 * l + 1])
             mined.append(prototype)
             query_logits.append(self.prediction_head(prototype, query)[0].view(b, 1, h, w))
 
         attn_mask = init_mask.flatten(1) == FOREGROUND_LABEL
         for l in range(L):
-            attended = self.qry_self_layers[l](query + pos, query, padding, reference_points, normalizer, h, w)
-            query = self.layer_norms[2 * L + 2 * l](query + self.proj_drop(attended))
-            query = self.layer_norms[2 * L + 2 * l + 1](self.ffns[L + l](query))
-            prototype = mined[l] + self.decoder_cross_attention_layers[l](mined[l], query, attn_mask)
+            query = self.qry_self_layers[l](query, pos, padding, reference_points, normalizer, h, w,
+                                            self.layer_norms[2 * L + 2 * l], self.proj_drop.p)
+            query = self.ffns[L + l](query, self.layer_norms[2 * L + 2 * l + 1])
+            prototype = self.decoder_cross_attention_layers[l](mined[l], query, attn_mask)
             logits, attn_mask = self.prediction_head(prototype, query)
             query_logits.append(logits.view(b, 1, h, w))
             support_logits.append(self.prediction_head(prototype, support)[0].view(b, shot, h, w))
             if l < L - 1:
-                query = prototype_query_update(query, prototype, self.update_q[l][0].weight,
-                                               backend=self.op_backend(query_activation.QUERY_UPDATE_OP))
-                # One memory layout whatever the op backend returned (convolution algorithms, and
-                # so their rounding, depend on it); channels-last is also the fast one for cuDNN.
-                qmap = tokens_to_map(query, h, w).contiguous(memory_format=torch.channels_last)
-                query = map_to_tokens(qmap + self.res_q[l](qmap))
+                query = self.update_query(l, query, prototype, h, w)
         return [tokens_to_map(query, h, w)], query_logits, support_logits

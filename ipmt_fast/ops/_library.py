@@ -11,10 +11,10 @@ is never touched, as autocast itself leaves it alone):
     Cast bf16 / fp16 up to float32, like ``grid_sample`` (which autocast runs in float32): for the
     deformable sampling, whose locations address sub-pixel positions.
 
-The public op functions apply the policy with :func:`follows_autocast`; the custom ops (Triton and
-C++ kernels) get the same rule registered at their autocast dispatch keys
-(:func:`register_autocast`), so a direct ``torch.ops.ipmt_fast.*`` call under autocast, or one
-traced by ``torch.compile``, is cast the same way. A backward op has no autocast rule: it takes
+The public op functions apply the policy with :func:`follows_autocast`; the custom ops get the same
+rule registered at their autocast dispatch keys (the Triton ops here, :func:`register_autocast`;
+the C++ ops in ``csrc/autograd.cpp``), so a direct ``torch.ops.ipmt_fast.*`` call under autocast,
+or one traced by ``torch.compile``, is cast the same way. A backward op has no autocast rule: it takes
 its forward's tensors in the dtypes the forward made them (a backward run inside an autocast
 region must not cast, say, float32 sampling locations to bf16).
 """
@@ -127,13 +127,9 @@ def contiguous_like(*tensors: torch.Tensor):
     return empties[0] if len(empties) == 1 else empties
 
 
-def register_compiled_op(name: str, fake, backward_fake, backward, setup_context, autocast_policy: str,
-                         autocast_exempt: Tuple[str, ...] = ()) -> None:
-    """Python-side registrations of a C++ op ``ipmt_fast::name`` and its ``name_backward`` (call
-    once the library is loaded, see ``extension.on_load``): fake (shape-only) implementations of
-    both, autograd of the forward through ``backward``, and the forward's autocast rule (the
-    arguments named in ``autocast_exempt`` keep their dtype)."""
+def register_compiled_fakes(name: str, fake, backward_fake) -> None:
+    """Fake (shape-only) implementations of a C++ op ``ipmt_fast::name`` and of its
+    ``name_backward`` (call once the library is loaded, see ``extension.on_load``). Their autograd
+    and autocast rules are registered in C++ (``csrc/autograd.cpp``)."""
     torch.library.register_fake(qualified_name(name), fake, lib=LIBRARY)
     torch.library.register_fake(qualified_name(f"{name}_backward"), backward_fake, lib=LIBRARY)
-    register_autocast(qualified_name(name), autocast_policy, autocast_exempt)
-    torch.library.register_autograd(qualified_name(name), backward, setup_context=setup_context, lib=LIBRARY)

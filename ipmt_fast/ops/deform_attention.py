@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import extension, registry
 from ._checks import check_tensor
-from ._library import contiguous_like, follows_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, register_compiled_fakes
 from .deform_sample import (grid_sample_rounds_once, ms_deform_sample_reference, ms_deform_sample_torch,
                             ms_deform_sample_triton)
 
@@ -107,33 +107,9 @@ def _compiled_backward_fake(grad_out, query, values, padding_mask, normalizer, h
             grads[5], bias_grads[3])
 
 
-def _compiled_setup(ctx, inputs, output):
-    (query, values, padding_mask, _, normalizer, height, width, value_weight, _, offset_weight, _, attention_weight, _,
-     output_weight, _, heads, points, fused_coordinate) = inputs
-    ctx.save_for_backward(query, values, padding_mask, normalizer, value_weight, offset_weight, attention_weight,
-                          output_weight, *output[1:])
-    ctx.sizes = (height, width, heads, points, fused_coordinate)
-    ctx.mark_non_differentiable(*output[1:])  # saved intermediates
-    ctx.set_materialize_grads(False)
-
-
-def _compiled_backward(ctx, grad_out, *_unused_output_grads):
-    if grad_out is None:  # grads are not materialised: the output took no part in the loss
-        return (None,) * 18
-    query, values, padding_mask, normalizer, value_weight, offset_weight, attention_weight, output_weight, *saved = \
-        ctx.saved_tensors
-    height, width, heads, points, fused_coordinate = ctx.sizes
-    grads = torch.ops.ipmt_fast.deformable_self_attention_backward(
-        grad_out.contiguous(), query, values, padding_mask, normalizer, height, width, value_weight, offset_weight,
-        attention_weight, output_weight, heads, points, fused_coordinate, *saved)
-    # Nothing for the mask, the reference points (the pixel grid), the normaliser and the sizes.
-    return (*grads[:2], None, None, None, None, None, *grads[2:], None, None, None)
-
-
 # The coordinates keep their dtype under autocast (they address sub-pixel positions).
 COORDINATE_ARGUMENTS = ("reference_points", "offset_normalizer")
-extension.on_load(lambda: register_compiled_op(OP_NAME, _compiled_fake, _compiled_backward_fake, _compiled_backward,
-                                               _compiled_setup, "lower_precision", COORDINATE_ARGUMENTS))
+extension.on_load(lambda: register_compiled_fakes(OP_NAME, _compiled_fake, _compiled_backward_fake))
 
 
 def deformable_self_attention_compiled(query, values, padding_mask, reference_points, normalizer, height, width,
@@ -151,6 +127,30 @@ registry.register(OP_NAME, "reference", deformable_self_attention_reference)
 registry.register(OP_NAME, "torch", deformable_self_attention_torch)
 registry.register(OP_NAME, "triton", deformable_self_attention_triton, availability=registry.triton_availability)
 registry.register(OP_NAME, "compiled", deformable_self_attention_compiled, availability=extension.unavailable_reason)
+
+
+def check_arguments(query, values, padding_mask, reference_points, offset_normalizer, height, width, value_weight,
+                    value_bias, offset_weight, offset_bias, attention_weight, attention_bias, output_weight,
+                    output_bias, heads, points):
+    """Raise if the arguments of :func:`deformable_self_attention` do not fit together."""
+    check_tensor("query", query, ("B", "N", "C"))
+    b, n, c = query.shape
+    device = query.device
+    if n != height * width:
+        raise ValueError(f"query holds {n} tokens but the map is {height} x {width} = {height * width}")
+    if c % heads:
+        raise ValueError(f"the width C = {c} must be divisible by heads = {heads}")
+    check_tensor("values", values, (b, n, c), dtypes=(query.dtype,), device=device)
+    check_tensor("padding_mask", padding_mask, (b, n), dtypes=(torch.bool,), device=device)
+    check_tensor("reference_points", reference_points, (1, n, 1, 2), dtypes=COORDINATE_DTYPES, device=device)
+    check_tensor("offset_normalizer", offset_normalizer, (1, 2), dtypes=(reference_points.dtype,), device=device)
+    for name, tensor, shape in (("value_weight", value_weight, (c, c)), ("value_bias", value_bias, (c,)),
+                                ("offset_weight", offset_weight, (heads * points * 2, c)),
+                                ("offset_bias", offset_bias, (heads * points * 2,)),
+                                ("attention_weight", attention_weight, (heads * points, c)),
+                                ("attention_bias", attention_bias, (heads * points,)),
+                                ("output_weight", output_weight, (c, c)), ("output_bias", output_bias, (c,))):
+        check_tensor(name, tensor, shape, dtypes=(query.dtype,), device=device)
 
 
 @follows_autocast("lower_precision", exempt=COORDINATE_ARGUMENTS)
@@ -180,24 +180,9 @@ def deformable_self_attention(query: torch.Tensor, values: torch.Tensor, padding
     Returns:
         ``(B, N, C)``, in ``query``'s dtype.
     """
-    check_tensor("query", query, ("B", "N", "C"))
-    b, n, c = query.shape
-    device = query.device
-    if n != height * width:
-        raise ValueError(f"query holds {n} tokens but the map is {height} x {width} = {height * width}")
-    if c % heads:
-        raise ValueError(f"the width C = {c} must be divisible by heads = {heads}")
-    check_tensor("values", values, (b, n, c), dtypes=(query.dtype,), device=device)
-    check_tensor("padding_mask", padding_mask, (b, n), dtypes=(torch.bool,), device=device)
-    check_tensor("reference_points", reference_points, (1, n, 1, 2), dtypes=COORDINATE_DTYPES, device=device)
-    check_tensor("offset_normalizer", offset_normalizer, (1, 2), dtypes=(reference_points.dtype,), device=device)
-    for name, tensor, shape in (("value_weight", value_weight, (c, c)), ("value_bias", value_bias, (c,)),
-                                ("offset_weight", offset_weight, (heads * points * 2, c)),
-                                ("offset_bias", offset_bias, (heads * points * 2,)),
-                                ("attention_weight", attention_weight, (heads * points, c)),
-                                ("attention_bias", attention_bias, (heads * points,)),
-                                ("output_weight", output_weight, (c, c)), ("output_bias", output_bias, (c,))):
-        check_tensor(name, tensor, shape, dtypes=(query.dtype,), device=device)
-    fn = registry.get_implementation(OP_NAME, backend, device)
+    check_arguments(query, values, padding_mask, reference_points, offset_normalizer, height, width, value_weight,
+                    value_bias, offset_weight, offset_bias, attention_weight, attention_bias, output_weight,
+                    output_bias, heads, points)
+    fn = registry.get_implementation(OP_NAME, backend, query.device)
     return fn(query, values, padding_mask, reference_points, offset_normalizer, height, width, value_weight, value_bias,
               offset_weight, offset_bias, attention_weight, attention_bias, output_weight, output_bias, heads, points)

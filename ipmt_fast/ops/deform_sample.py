@@ -50,7 +50,7 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_tensor
-from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_fakes
 
 OP_NAME = "ms_deform_sample"
 TRITON_OP = qualified_name("triton_ms_deform_sample")
@@ -277,9 +277,7 @@ triton_ms_deform_sample.register_autograd(_autograd_backward(triton_ms_deform_sa
 register_autocast(TRITON_OP, "float32")
 
 
-extension.on_load(lambda: register_compiled_op(
-    OP_NAME, _fake_forward, _fake_backward, _autograd_backward(torch.ops.ipmt_fast.ms_deform_sample_backward),
-    _setup_context, "float32"))
+extension.on_load(lambda: register_compiled_fakes(OP_NAME, _fake_forward, _fake_backward))
 
 
 def _kernel_backend(custom_op):

@@ -27,9 +27,10 @@ import torch
 EXTENSION_NAME = "ipmt_fast_ops"
 # The operator namespace the library registers (``torch.ops.ipmt_fast``).
 NAMESPACE = "ipmt_fast"
-CPU_SOURCES = ("ops.cpp", "ms_deform_sample_cpu.cpp", "fused_ops.cpp")
+CPU_SOURCES = ("ops.cpp", "ms_deform_sample_cpu.cpp", "fused_ops.cpp", "blocks.cpp", "autograd.cpp")
 CUDA_SOURCES = ("ms_deform_sample_cuda.cu", "ms_deform_sample_cuda_ops.cpp")
-HEADERS = ("ms_deform_sample.h", "ms_deform_sample_binding.h", "ms_deform_sample_cuda.h")
+HEADERS = ("ms_deform_sample.h", "ms_deform_sample_binding.h", "ms_deform_sample_cuda.h", "fused_ops.h",
+           "tensor_utils.h")
 # -ffp-contract=off: a product and a sum stay two roundings unless the code asks for a fused
 # multiply-add (the deformable sampling reproduces grid_sample's rounding, ms_deform_sample.h).
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -94,7 +95,9 @@ def _build_name(sources, with_cuda: bool) -> str:
     for path in sorted(sources) + [source_dir() / h for h in HEADERS]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    digest.update(repr((CXX_FLAGS, LD_FLAGS, CUDA_FLAGS, with_cuda, torch.__version__)).encode())
+    # The source folder too: checkouts with equal sources would otherwise share a build folder whose
+    # build file names the other checkout's sources, and rebuild in turn.
+    digest.update(repr((CXX_FLAGS, LD_FLAGS, CUDA_FLAGS, with_cuda, torch.__version__, str(source_dir()))).encode())
     return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
 
 

@@ -31,14 +31,10 @@ from torch.autograd.function import once_differentiable
 
 from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import contiguous_like, follows_autocast, register_compiled_op
+from ._dropout import keep_scale
+from ._library import contiguous_like, follows_autocast, register_compiled_fakes
 
 OP_NAME = "feed_forward"
-
-
-def _keep_scale(dropout_p: float) -> float:
-    """What ``nn.Dropout(p)`` multiplies kept units by (with p == 1 nothing is kept)."""
-    return 0.0 if dropout_p == 1.0 else 1.0 / (1.0 - dropout_p)
 
 
 def feed_forward_reference(x, hidden_weight, output_weight, hidden_keep=None, dropout_p=0.0, recompute_hidden=False):
@@ -46,7 +42,7 @@ def feed_forward_reference(x, hidden_weight, output_weight, hidden_keep=None, dr
     a memory choice of the fused form and does not apply here)."""
     hidden = F.relu(F.linear(x, hidden_weight))
     if hidden_keep is not None:
-        hidden = hidden * hidden_keep * _keep_scale(dropout_p)
+        hidden = hidden * hidden_keep * keep_scale(dropout_p)
     return F.linear(hidden, output_weight)
 
 
@@ -94,8 +90,8 @@ class _FeedForward(torch.autograd.Function):
 
 def feed_forward_torch(x, hidden_weight, output_weight, hidden_keep=None, dropout_p=0.0, recompute_hidden=False):
     """Two matmuls; backward keeps ``h`` (or only the keep mask and recomputes ``h``)."""
-    keep_scale = _keep_scale(dropout_p) if hidden_keep is not None else 1.0
-    return _FeedForward.apply(x, hidden_weight, output_weight, hidden_keep, keep_scale, recompute_hidden)
+    scale = keep_scale(dropout_p) if hidden_keep is not None else 1.0
+    return _FeedForward.apply(x, hidden_weight, output_weight, hidden_keep, scale, recompute_hidden)
 
 
 def _compiled_fake(x, hidden_weight, output_weight, hidden_keep, keep_scale, recompute_hidden):
@@ -107,32 +103,13 @@ def _compiled_backward_fake(grad_out, x, hidden_weight, output_weight, hidden_ke
     return contiguous_like(x, hidden_weight, output_weight)
 
 
-def _compiled_setup(ctx, inputs, output):
-    x, hidden_weight, output_weight, hidden_keep, keep_scale, _ = inputs
-    ctx.save_for_backward(x, hidden_weight, output_weight, hidden_keep, output[1])
-    ctx.keep_scale = keep_scale
-    ctx.mark_non_differentiable(output[1])  # the saved hidden activation
-    ctx.set_materialize_grads(False)
-
-
-def _compiled_backward(ctx, grad_out, _grad_hidden):
-    if grad_out is None:  # grads are not materialised: the output took no part in the loss
-        return (None,) * 6
-    x, hidden_weight, output_weight, hidden_keep, hidden = ctx.saved_tensors
-    grads = torch.ops.ipmt_fast.feed_forward_backward(grad_out.contiguous(), x, hidden_weight, output_weight,
-                                                      hidden_keep, ctx.keep_scale, hidden)
-    return (*grads, None, None, None)
-
-
-extension.on_load(lambda: register_compiled_op(OP_NAME, _compiled_fake, _compiled_backward_fake, _compiled_backward,
-                                               _compiled_setup, "lower_precision"))
+extension.on_load(lambda: register_compiled_fakes(OP_NAME, _compiled_fake, _compiled_backward_fake))
 
 
 def feed_forward_compiled(x, hidden_weight, output_weight, hidden_keep=None, dropout_p=0.0, recompute_hidden=False):
     """The torch form's forward and backward, each one C++ op (``csrc/fused_ops.cpp``)."""
-    keep_scale = _keep_scale(dropout_p) if hidden_keep is not None else 1.0
-    return torch.ops.ipmt_fast.feed_forward(x, hidden_weight, output_weight, hidden_keep, keep_scale,
-                                            recompute_hidden)[0]
+    scale = keep_scale(dropout_p) if hidden_keep is not None else 1.0
+    return torch.ops.ipmt_fast.feed_forward(x, hidden_weight, output_weight, hidden_keep, scale, recompute_hidden)[0]
 
 
 registry.register(OP_NAME, "reference", feed_forward_reference)

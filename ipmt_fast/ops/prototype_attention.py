@@ -40,7 +40,7 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_fakes
 
 OP_NAME = "masked_prototype_attention"
 
@@ -176,7 +176,8 @@ def masked_prototype_attention_triton(prototype, tokens, token_mask, q_weight, k
 
 
 # ---------------------------------------------------------------------------------------------
-# compiled backend: the torch form's forward and its backward as two C++ ops (csrc/fused_ops.cpp)
+# compiled backend: the torch form's forward and its backward as two C++ ops (csrc/fused_ops.cpp),
+# autograd and autocast in C++ (csrc/autograd.cpp)
 # ---------------------------------------------------------------------------------------------
 
 def _compiled_fake(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale,
@@ -191,28 +192,7 @@ def _compiled_backward_fake(grad_out, prototype, tokens, q_weight, k_weight, v_w
     return contiguous_like(prototype, tokens, q_weight, k_weight, v_weight, proj_weight)
 
 
-def _compiled_setup(ctx, inputs, output):
-    prototype, tokens, _, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale, _ = inputs
-    ctx.save_for_backward(prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, *output[1:])
-    ctx.scale = scale
-    # The outputs after the first are saved intermediates, never differentiated.
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-def _compiled_backward(ctx, grad_out, *_unused_output_grads):
-    if grad_out is None:  # grads are not materialised: the output took no part in the loss
-        return (None,) * 10
-    prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, *saved = ctx.saved_tensors
-    grads = torch.ops.ipmt_fast.masked_prototype_attention_backward(
-        grad_out.contiguous(), prototype, tokens, q_weight, k_weight, v_weight, proj_weight, attn_keep, ctx.scale,
-        *saved)
-    grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj = grads
-    return grad_prototype, grad_tokens, None, grad_q, grad_k, grad_v, grad_proj, None, None, None
-
-
-extension.on_load(lambda: register_compiled_op(OP_NAME, _compiled_fake, _compiled_backward_fake, _compiled_backward,
-                                               _compiled_setup, "lower_precision"))
+extension.on_load(lambda: register_compiled_fakes(OP_NAME, _compiled_fake, _compiled_backward_fake))
 
 
 def masked_prototype_attention_compiled(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight,
@@ -228,6 +208,26 @@ registry.register(OP_NAME, "compiled", masked_prototype_attention_compiled, devi
                   availability=extension.unavailable_reason)
 registry.register(OP_NAME, "triton", masked_prototype_attention_triton, devices=("cpu", "cuda"),
                   availability=registry.triton_availability)
+
+
+def check_arguments(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight, attn_keep=None):
+    """Raise if the arguments of :func:`masked_prototype_attention` do not fit together."""
+    check_tensor("prototype", prototype, ("B", "M", "C"))
+    device = prototype.device
+    check_tensor("tokens", tokens, ("B", "N", "C"), dtypes=(prototype.dtype,), device=device)
+    check_tensor("token_mask", token_mask, ("B", "N"), dtypes=(torch.bool,), device=device)
+    b, m, c = prototype.shape
+    n = tokens.shape[1]
+    check_same_size("batch", prototype=b, tokens=tokens.shape[0], token_mask=token_mask.shape[0])
+    check_same_size("channel", prototype=c, tokens=tokens.shape[2])
+    check_same_size("token", tokens=n, token_mask=token_mask.shape[1])
+    if n == 0:
+        raise ValueError("tokens must hold at least one token (N >= 1): there is nothing to attend to")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight), ("v_weight", v_weight),
+                    ("proj_weight", proj_weight)):
+        check_tensor(name, w, (c, c), device=device)
+    if attn_keep is not None:
+        check_tensor("attn_keep", attn_keep, (b, m, n), device=device)
 
 
 @follows_autocast("lower_precision")
@@ -250,21 +250,6 @@ def masked_prototype_attention(prototype: torch.Tensor, tokens: torch.Tensor, to
     Returns:
         ``(B, M, C)`` attention output after the output projection.
     """
-    check_tensor("prototype", prototype, ("B", "M", "C"))
-    device = prototype.device
-    check_tensor("tokens", tokens, ("B", "N", "C"), dtypes=(prototype.dtype,), device=device)
-    check_tensor("token_mask", token_mask, ("B", "N"), dtypes=(torch.bool,), device=device)
-    b, m, c = prototype.shape
-    n = tokens.shape[1]
-    check_same_size("batch", prototype=b, tokens=tokens.shape[0], token_mask=token_mask.shape[0])
-    check_same_size("channel", prototype=c, tokens=tokens.shape[2])
-    check_same_size("token", tokens=n, token_mask=token_mask.shape[1])
-    if n == 0:
-        raise ValueError("tokens must hold at least one token (N >= 1): there is nothing to attend to")
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight), ("v_weight", v_weight),
-                    ("proj_weight", proj_weight)):
-        check_tensor(name, w, (c, c), device=device)
-    if attn_keep is not None:
-        check_tensor("attn_keep", attn_keep, (b, m, n), device=device)
-    fn = registry.get_implementation(OP_NAME, backend, device)
+    check_arguments(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight, attn_keep)
+    fn = registry.get_implementation(OP_NAME, backend, prototype.device)
     return fn(prototype, tokens, token_mask, q_weight, k_weight, v_weight, proj_weight, attn_keep, scale)

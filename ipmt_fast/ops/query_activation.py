@@ -20,7 +20,7 @@ from torch.library import triton_op
 
 from . import extension, registry
 from ._checks import check_same_size, check_tensor
-from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_op
+from ._library import contiguous_like, follows_autocast, qualified_name, register_autocast, register_compiled_fakes
 
 MASK_LOGITS_OP = "prototype_mask_logits"
 QUERY_UPDATE_OP = "prototype_query_update"
@@ -215,15 +215,6 @@ def _mask_logits_compiled_fake(embedding, tokens, threshold):
     return _mask_logits_fake(embedding, tokens)
 
 
-def _mask_logits_compiled_backward(ctx, grad_logits, _grad_next_mask):
-    embedding, tokens = ctx.saved_tensors
-    return (*torch.ops.ipmt_fast.prototype_mask_logits_backward(grad_logits.contiguous(), embedding, tokens), None)
-
-
-def _mask_logits_compiled_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:2])
-
-
 def _query_update_compiled_fake(query, prototype, weight):
     return contiguous_like(query)
 
@@ -232,19 +223,9 @@ def _query_update_compiled_backward_fake(grad_out, output, query, prototype, wei
     return contiguous_like(query, prototype, weight)
 
 
-def _query_update_compiled_setup(ctx, inputs, output):
-    ctx.save_for_backward(output, *inputs)
-
-
-def _query_update_compiled_backward(ctx, grad_out):
-    return torch.ops.ipmt_fast.prototype_query_update_backward(grad_out.contiguous(), *ctx.saved_tensors)
-
-
 def _register_compiled_ops():
-    register_compiled_op(MASK_LOGITS_OP, _mask_logits_compiled_fake, _mask_logits_backward_fake,
-                         _mask_logits_compiled_backward, _mask_logits_compiled_setup, "lower_precision")
-    register_compiled_op(QUERY_UPDATE_OP, _query_update_compiled_fake, _query_update_compiled_backward_fake,
-                         _query_update_compiled_backward, _query_update_compiled_setup, "lower_precision")
+    register_compiled_fakes(MASK_LOGITS_OP, _mask_logits_compiled_fake, _mask_logits_backward_fake)
+    register_compiled_fakes(QUERY_UPDATE_OP, _query_update_compiled_fake, _query_update_compiled_backward_fake)
 
 
 extension.on_load(_register_compiled_ops)

@@ -1,0 +1,413 @@
+// Sub-layer ops of IPMT's transformer, each one dispatcher call forward and one backward: a fused
+// op of fused_ops.cpp with the dropouts, residual and layer norm around it (the compiled form of
+// the ops in ipmt_fast/ops/blocks.py, which holds their reference compositions). At IPMT's batch
+// sizes the host issuing ops sets a GPU's pace, so a transformer layer is a handful of these calls.
+//
+// Dropout masks are drawn inside, exactly as the Python compositions draw them (bernoulli_ on a
+// bool tensor of the same shape, in the same order: ipmt_fast/ops/_dropout.py), so every backend
+// applies the same masks from the same seed; each mask is returned and saved for backward.
+//
+// Precision: `compute_dtype` (set by the autocast rule, autograd.cpp) is the dtype the matrix
+// products run in, as autocast would cast them; residual sums follow type promotion, and layer
+// norms run in float32 under autocast (CUDA autocast's rule for layer_norm).
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "fused_ops.h"
+
+namespace ipmt {
+namespace {
+
+using c10::optional;
+
+// What a tensor returns where an op has nothing to return (no dropout, no layer norm).
+Tensor nothing(const Tensor& like, at::ScalarType dtype) { return at::empty({0}, like.options().dtype(dtype)); }
+
+bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
+
+struct Precision {
+  optional<at::ScalarType> compute;
+
+  // `t` as autocast would hand it to a matrix product: floating tensors but float64 in `compute`.
+  Tensor lower(const Tensor& t) const {
+    if (!compute || !t.defined() || !t.is_floating_point() || t.scalar_type() == at::kDouble ||
+        t.scalar_type() == *compute) {
+      return t;
+    }
+    return t.to(*compute);
+  }
+  at::ScalarType lower_dtype(const Tensor& t) const { return lower(t).scalar_type(); }
+
+  // A layer norm's input: float32 under autocast when `t` is half precision.
+  Tensor norm_input(const Tensor& t) const {
+    const auto dtype = t.scalar_type();
+    return compute && (dtype == at::kHalf || dtype == at::kBFloat16) ? t.to(at::kFloat) : t;
+  }
+};
+
+// Dropout: 1 / (1 - p) on kept units (nothing is kept when p == 1).
+double keep_scale(double p) { return p == 1.0 ? 0.0 : 1.0 / (1.0 - p); }
+
+// A bool keep mask of `shape`, or an empty tensor when nothing is dropped.
+Tensor draw_keep(const Tensor& like, at::IntArrayRef shape, double p, bool train) {
+  if (!train || p == 0.0) return nothing(like, at::kBool);
+  return at::empty(shape, like.options().dtype(at::kBool)).bernoulli_(1.0 - p);
+}
+
+// A multiplier of `shape` in `dtype` (0 or 1 / (1 - p)), or an empty tensor when nothing is dropped.
+Tensor draw_multiplier(const Tensor& like, at::IntArrayRef shape, at::ScalarType dtype, double p, bool train) {
+  if (!train || p == 0.0) return nothing(like, dtype);
+  return at::empty(shape, like.options().dtype(dtype)).bernoulli_(1.0 - p).mul_(keep_scale(p));
+}
+
+// x * keep * scale, the same values as the Python `x * keep * scale`, or x without a mask. On the
+// CPU in float32/float64 without casting the bool mask (what x * keep does) nor the scale; CUDA
+// does both in native_dropout_backward's one kernel.
+Tensor apply_keep(const Tensor& x, const Tensor& keep, double p) {
+  if (!present(keep)) return x;
+  if (!takes_cached_scalar(x)) return at::native_dropout_backward(x, keep, keep_scale(p));
+  Tensor kept = at::where(keep, x, cached_scalar(0.0, x.scalar_type()));
+  return mul_scalar_(kept, keep_scale(p));
+}
+
+optional<Tensor> optional_mask(const Tensor& keep) { return present(keep) ? optional<Tensor>(keep) : c10::nullopt; }
+
+// The least logit of `dtype` whose sigmoid, as torch rounds it, is still >= 0.5: the published
+// mask sigmoid(logit) >= 0.5 as a comparison (ipmt_fast/ops/query_activation.py derives the values
+// and the tests prove them against torch's sigmoid).
+double mask_logit_threshold(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return -0x1p-11;
+    case at::kBFloat16: return -0x1p-8;
+    case at::kFloat: return -0x1.7ffffcp-23;
+    case at::kDouble: return -0x1.7fffffffffffep-52;
+    default: TORCH_CHECK(false, "no mask threshold for dtype ", dtype);
+  }
+}
+
+struct Normed {
+  Tensor out, input, mean, rstd;
+};
+
+// LayerNorm over the last dimension, or `x` itself with empty statistics when there is no weight.
+Normed layer_norm(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
+                  const Precision& precision) {
+  if (!weight.has_value() || !weight->defined()) {
+    const Tensor none = nothing(x, x.scalar_type());
+    return {x, none, none, none};
+  }
+  const Tensor input = precision.norm_input(x);
+  auto [out, mean, rstd] = at::native_layer_norm(input, {input.size(-1)}, weight, bias, eps);
+  return {out, input, mean, rstd};
+}
+
+struct NormGrads {
+  Tensor input, weight, bias;
+};
+
+NormGrads layer_norm_backward(const Tensor& grad, const Tensor& input, const Tensor& mean, const Tensor& rstd,
+                              const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  if (!present(input)) return {grad, Tensor(), Tensor()};
+  const bool with_bias = bias.has_value() && bias->defined();
+  auto [grad_input, grad_weight, grad_bias] = at::native_layer_norm_backward(
+      cast(grad, input.scalar_type()), input, {input.size(-1)}, mean, rstd, weight, bias, {true, true, with_bias});
+  return {grad_input, grad_weight, grad_bias};
+}
+
+Tensor as_dtype_of(const Tensor& grad, const Tensor& like) { return cast(grad, like.scalar_type()); }
+
+// The gradient of an optional argument: empty where the argument was None (the autograd layer
+// gives None for it).
+Tensor optional_grad(const Tensor& grad, const optional<Tensor>& argument, const Tensor& like) {
+  return grad.defined() && argument.has_value() && argument->defined() ? as_dtype_of(grad, *argument)
+                                                                       : nothing(like, like.scalar_type());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// prototype_attention_block: [LN](P + Drop(masked_prototype_attention(P, T, mask, Drop_attn)))
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+prototype_attention_block(const Tensor& prototype, const Tensor& tokens, const Tensor& token_mask,
+                          const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
+                          const Tensor& proj_weight, const optional<Tensor>& norm_weight,
+                          const optional<Tensor>& norm_bias, double norm_eps, double scale, double masked_bias,
+                          double dropout_p, bool train, optional<at::ScalarType> compute_dtype) {
+  const Precision precision{compute_dtype};
+  const int64_t b = prototype.size(0), m = prototype.size(1), n = tokens.size(1);
+  const Tensor attn_keep = draw_multiplier(prototype, {b, m, n}, precision.lower_dtype(prototype), dropout_p, train);
+  auto [out, query, query_key, attention, pooled, value] = masked_prototype_attention(
+      precision.lower(prototype), precision.lower(tokens), token_mask, precision.lower(q_weight),
+      precision.lower(k_weight), precision.lower(v_weight), precision.lower(proj_weight), optional_mask(attn_keep),
+      scale, masked_bias);
+  const Tensor proj_keep = draw_keep(prototype, out.sizes(), dropout_p, train);
+  const Normed normed = layer_norm(prototype + apply_keep(out, proj_keep, dropout_p), norm_weight, norm_bias,
+                                   norm_eps, precision);
+  return {normed.out, attn_keep, proj_keep, query, query_key, attention, pooled, value, normed.input, normed.mean,
+          normed.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prototype_attention_block_backward(
+    const Tensor& grad_out, const Tensor& prototype, const Tensor& tokens, const Tensor& q_weight,
+    const Tensor& k_weight, const Tensor& v_weight, const Tensor& proj_weight, const optional<Tensor>& norm_weight,
+    const optional<Tensor>& norm_bias, double scale, double dropout_p, optional<at::ScalarType> compute_dtype,
+    const Tensor& attn_keep, const Tensor& proj_keep, const Tensor& query, const Tensor& query_key,
+    const Tensor& attention, const Tensor& pooled, const Tensor& value, const Tensor& norm_input,
+    const Tensor& norm_mean, const Tensor& norm_rstd) {
+  const Precision precision{compute_dtype};
+  const NormGrads norm = layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, norm_weight, norm_bias);
+  const Tensor grad_branch = cast(apply_keep(norm.input, proj_keep, dropout_p), value.scalar_type()).contiguous();
+  auto [grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj] = masked_prototype_attention_backward(
+      grad_branch, precision.lower(prototype), precision.lower(tokens), precision.lower(q_weight),
+      precision.lower(k_weight), precision.lower(v_weight), precision.lower(proj_weight), optional_mask(attn_keep),
+      scale, query, query_key, attention, pooled, value);
+  // Out of place: without a layer norm, norm.input is the incoming gradient itself.
+  return {as_dtype_of(norm.input, prototype) + grad_prototype,
+          as_dtype_of(grad_tokens, tokens),
+          as_dtype_of(grad_q, q_weight),
+          as_dtype_of(grad_k, k_weight),
+          as_dtype_of(grad_v, v_weight),
+          as_dtype_of(grad_proj, proj_weight),
+          optional_grad(norm.weight, norm_weight, grad_out),
+          optional_grad(norm.bias, norm_bias, grad_out)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// feed_forward_block: [LN](x + Drop(feed_forward(x)))  (IPMT's FFN, then its layer norm)
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block(
+    const Tensor& x, const Tensor& hidden_weight, const Tensor& output_weight, const optional<Tensor>& norm_weight,
+    const optional<Tensor>& norm_bias, double norm_eps, double dropout_p, bool train, bool recompute_hidden,
+    optional<at::ScalarType> compute_dtype) {
+  const Precision precision{compute_dtype};
+  std::vector<int64_t> hidden_shape(x.sizes().begin(), x.sizes().end());
+  hidden_shape.back() = hidden_weight.size(0);
+  const Tensor hidden_keep = draw_keep(x, hidden_shape, dropout_p, train);
+  auto [out, hidden] =
+      feed_forward(precision.lower(x), precision.lower(hidden_weight), precision.lower(output_weight),
+                   optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, recompute_hidden);
+  const Tensor out_keep = draw_keep(x, out.sizes(), dropout_p, train);
+  const Normed normed = layer_norm(x + apply_keep(out, out_keep, dropout_p), norm_weight, norm_bias, norm_eps,
+                                   precision);
+  return {normed.out, hidden_keep, out_keep, hidden, normed.input, normed.mean, normed.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& hidden_weight, const Tensor& output_weight,
+    const optional<Tensor>& norm_weight, const optional<Tensor>& norm_bias, double dropout_p,
+    optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep, const Tensor& hidden,
+    const Tensor& norm_input, const Tensor& norm_mean, const Tensor& norm_rstd) {
+  const Precision precision{compute_dtype};
+  const NormGrads norm = layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, norm_weight, norm_bias);
+  const Tensor lower_x = precision.lower(x);
+  const Tensor grad_branch = cast(apply_keep(norm.input, out_keep, dropout_p), lower_x.scalar_type()).contiguous();
+  auto [grad_x, grad_hidden_weight, grad_output_weight] =
+      feed_forward_backward(grad_branch, lower_x, precision.lower(hidden_weight), precision.lower(output_weight),
+                            optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
+  // Out of place, as in prototype_attention_block_backward.
+  return {as_dtype_of(norm.input, x) + grad_x, as_dtype_of(grad_hidden_weight, hidden_weight),
+          as_dtype_of(grad_output_weight, output_weight), optional_grad(norm.weight, norm_weight, grad_out),
+          optional_grad(norm.bias, norm_bias, grad_out)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// prediction_head: E = FFN(LN(P)) (decoder_norm, mask_embed); logits = E T^T; next mask
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head(
+    const Tensor& prototype, const Tensor& tokens, const Tensor& norm_weight, const Tensor& norm_bias,
+    double norm_eps, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p, bool train,
+    optional<at::ScalarType> compute_dtype) {
+  const Precision precision{compute_dtype};
+  const Normed normed = layer_norm(prototype, norm_weight, norm_bias, norm_eps, precision);
+  std::vector<int64_t> hidden_shape(prototype.sizes().begin(), prototype.sizes().end());
+  hidden_shape.back() = hidden_weight.size(0);
+  const Tensor hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
+  auto [out, hidden] = feed_forward(precision.lower(normed.out), precision.lower(hidden_weight),
+                                    precision.lower(output_weight), optional_mask(hidden_keep),
+                                    present(hidden_keep) ? keep_scale(dropout_p) : 1.0, false);
+  const Tensor out_keep = draw_keep(prototype, out.sizes(), dropout_p, train);
+  const Tensor embedding = normed.out + apply_keep(out, out_keep, dropout_p);
+  const Tensor lower_embedding = precision.lower(embedding);
+  auto [logits, next_mask] = prototype_mask_logits(lower_embedding, precision.lower(tokens),
+                                                   mask_logit_threshold(lower_embedding.scalar_type()));
+  return {logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed.out, normed.input, normed.mean,
+          normed.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backward(
+    const Tensor& grad_logits, const Tensor& prototype, const Tensor& tokens, const Tensor& norm_weight,
+    const Tensor& norm_bias, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p,
+    optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep, const Tensor& hidden,
+    const Tensor& embedding, const Tensor& normed, const Tensor& norm_input, const Tensor& norm_mean,
+    const Tensor& norm_rstd) {
+  const Precision precision{compute_dtype};
+  const Tensor lower_embedding = precision.lower(embedding);
+  auto [grad_lower_embedding, grad_tokens] = prototype_mask_logits_backward(
+      cast(grad_logits, lower_embedding.scalar_type()), lower_embedding, precision.lower(tokens));
+  const Tensor grad_embedding = as_dtype_of(grad_lower_embedding, embedding);
+  const Tensor lower_normed = precision.lower(normed);
+  const Tensor grad_branch =
+      cast(apply_keep(grad_embedding, out_keep, dropout_p), lower_normed.scalar_type()).contiguous();
+  auto [grad_normed, grad_hidden_weight, grad_output_weight] = feed_forward_backward(
+      grad_branch, lower_normed, precision.lower(hidden_weight), precision.lower(output_weight),
+      optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
+  const NormGrads norm = layer_norm_backward(grad_embedding + as_dtype_of(grad_normed, embedding), norm_input,
+                                             norm_mean, norm_rstd, norm_weight, norm_bias);
+  return {as_dtype_of(norm.input, prototype), as_dtype_of(grad_tokens, tokens),
+          as_dtype_of(norm.weight, norm_weight), as_dtype_of(norm.bias, norm_bias),
+          as_dtype_of(grad_hidden_weight, hidden_weight), as_dtype_of(grad_output_weight, output_weight)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// deformable_self_attention_block: LN(T + Drop(deformable_self_attention(T + pos, T, ...)))
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+deformable_self_attention_block(const Tensor& tokens, const Tensor& pos, const Tensor& padding_mask,
+                                const Tensor& reference_points, const Tensor& offset_normalizer, int64_t height,
+                                int64_t width, const Tensor& value_weight, const Tensor& value_bias,
+                                const Tensor& offset_weight, const Tensor& offset_bias, const Tensor& attention_weight,
+                                const Tensor& attention_bias, const Tensor& output_weight, const Tensor& output_bias,
+                                int64_t heads, int64_t points, bool fused_coordinate, const Tensor& norm_weight,
+                                const Tensor& norm_bias, double norm_eps, double dropout_p, bool train,
+                                optional<at::ScalarType> compute_dtype) {
+  const Precision precision{compute_dtype};
+  const Tensor query = tokens + pos;
+  auto [out, value, locations, weights, sampled] = deformable_self_attention(
+      precision.lower(query), precision.lower(tokens), padding_mask, reference_points, offset_normalizer, height,
+      width, precision.lower(value_weight), precision.lower(value_bias), precision.lower(offset_weight),
+      precision.lower(offset_bias), precision.lower(attention_weight), precision.lower(attention_bias),
+      precision.lower(output_weight), precision.lower(output_bias), heads, points, fused_coordinate);
+  const Tensor keep = draw_keep(tokens, out.sizes(), dropout_p, train);
+  const Normed normed = layer_norm(tokens + apply_keep(out, keep, dropout_p), norm_weight, norm_bias, norm_eps,
+                                   precision);
+  return {normed.out, query, value, locations, weights, sampled, keep, normed.input, normed.mean, normed.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+deformable_self_attention_block_backward(
+    const Tensor& grad_out, const Tensor& tokens, const Tensor& pos, const Tensor& padding_mask,
+    const Tensor& offset_normalizer, int64_t height, int64_t width, const Tensor& value_weight,
+    const Tensor& value_bias, const Tensor& offset_weight, const Tensor& offset_bias, const Tensor& attention_weight,
+    const Tensor& attention_bias, const Tensor& output_weight, const Tensor& output_bias, int64_t heads,
+    int64_t points, bool fused_coordinate, const Tensor& norm_weight, const Tensor& norm_bias, double dropout_p,
+    optional<at::ScalarType> compute_dtype, const Tensor& query, const Tensor& value, const Tensor& locations,
+    const Tensor& weights, const Tensor& sampled, const Tensor& keep, const Tensor& norm_input,
+    const Tensor& norm_mean, const Tensor& norm_rstd) {
+  const Precision precision{compute_dtype};
+  const NormGrads norm = layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, norm_weight, norm_bias);
+  const Tensor lower_query = precision.lower(query);
+  const Tensor grad_branch = cast(apply_keep(norm.input, keep, dropout_p), lower_query.scalar_type()).contiguous();
+  auto grads = deformable_self_attention_backward(
+      grad_branch, lower_query, precision.lower(tokens), padding_mask, offset_normalizer, height, width,
+      precision.lower(value_weight), precision.lower(offset_weight), precision.lower(attention_weight),
+      precision.lower(output_weight), heads, points, fused_coordinate, value, locations, weights, sampled);
+  const Tensor& grad_query = std::get<0>(grads);
+  // In place: the layer norm's backward made norm.input.
+  Tensor grad_tokens = as_dtype_of(norm.input, tokens);
+  grad_tokens.add_(std::get<1>(grads)).add_(grad_query);
+  return {grad_tokens,
+          as_dtype_of(grad_query.sum_to_size(pos.sizes()), pos),
+          as_dtype_of(std::get<2>(grads), value_weight),
+          as_dtype_of(std::get<3>(grads), value_bias),
+          as_dtype_of(std::get<4>(grads), offset_weight),
+          as_dtype_of(std::get<5>(grads), offset_bias),
+          as_dtype_of(std::get<6>(grads), attention_weight),
+          as_dtype_of(std::get<7>(grads), attention_bias),
+          as_dtype_of(std::get<8>(grads), output_weight),
+          as_dtype_of(std::get<9>(grads), output_bias),
+          as_dtype_of(norm.weight, norm_weight),
+          as_dtype_of(norm.bias, norm_bias)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// query_update_block: U = prototype_query_update(Q, P); U + ReLU(conv(ReLU(conv(U)))) on the map
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// (B, h*w, C) tokens as a channels-last (B, C, h, w) view, and back.
+Tensor tokens_to_map(const Tensor& tokens, int64_t height, int64_t width) {
+  return tokens.view({tokens.size(0), height, width, tokens.size(2)}).permute({0, 3, 1, 2});
+}
+
+Tensor map_to_tokens(const Tensor& map) {
+  return map.permute({0, 2, 3, 1}).reshape({map.size(0), -1, map.size(1)});
+}
+
+// "Same" padding of a square, odd-sized kernel.
+int64_t same_padding(const Tensor& weight) { return weight.size(-1) / 2; }
+
+Tensor conv_relu(const Tensor& input, const Tensor& weight) {
+  return at::conv2d(input, weight, {}, 1, same_padding(weight)).relu_();
+}
+
+// Gradients of (input, weight) of conv_relu from its output's gradient.
+std::tuple<Tensor, Tensor> conv_relu_backward(const Tensor& grad, const Tensor& output, const Tensor& input,
+                                              const Tensor& weight) {
+  const Tensor grad_pre = at::threshold_backward(grad, output, 0);
+  const int64_t pad = same_padding(weight);
+  auto [grad_input, grad_weight, unused_bias] = at::convolution_backward(
+      grad_pre, input, weight, c10::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, true, false});
+  return {grad_input, grad_weight};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> query_update_block(const Tensor& query, const Tensor& prototype,
+                                                              const Tensor& update_weight,
+                                                              const Tensor& conv1_weight, const Tensor& conv2_weight,
+                                                              int64_t height, int64_t width,
+                                                              optional<at::ScalarType> compute_dtype) {
+  const Precision precision{compute_dtype};
+  const Tensor updated =
+      prototype_query_update(precision.lower(query), precision.lower(prototype), precision.lower(update_weight));
+  // One memory layout whatever the update returned (convolution algorithms, and so their rounding,
+  // depend on it): channels-last, also the fast one for cuDNN.
+  const Tensor map = tokens_to_map(updated, height, width).contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor conv1_out = conv_relu(map, precision.lower(conv1_weight));
+  const Tensor conv2_out = conv_relu(conv1_out, precision.lower(conv2_weight));
+  return {map_to_tokens(map + conv2_out), updated, conv1_out, conv2_out};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> query_update_block_backward(
+    const Tensor& grad_out, const Tensor& query, const Tensor& prototype, const Tensor& update_weight,
+    const Tensor& conv1_weight, const Tensor& conv2_weight, int64_t height, int64_t width,
+    optional<at::ScalarType> compute_dtype, const Tensor& updated, const Tensor& conv1_out,
+    const Tensor& conv2_out) {
+  const Precision precision{compute_dtype};
+  const Tensor grad_map = tokens_to_map(cast(grad_out, updated.scalar_type()), height, width);
+  const Tensor map = tokens_to_map(updated, height, width).contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor lower_conv1 = precision.lower(conv1_weight), lower_conv2 = precision.lower(conv2_weight);
+  auto [grad_conv1_out, grad_conv2_weight] = conv_relu_backward(grad_map, conv2_out, conv1_out, lower_conv2);
+  auto [grad_map_conv, grad_conv1_weight] = conv_relu_backward(grad_conv1_out, conv1_out, map, lower_conv1);
+  const Tensor grad_updated = map_to_tokens(grad_map + grad_map_conv).contiguous();
+  auto [grad_query, grad_prototype, grad_update_weight] = prototype_query_update_backward(
+      grad_updated, updated, precision.lower(query), precision.lower(prototype), precision.lower(update_weight));
+  // Contiguous weight gradients (a channels-last input gives channels-last ones), as declared.
+  return {as_dtype_of(grad_query, query), as_dtype_of(grad_prototype, prototype),
+          as_dtype_of(grad_update_weight, update_weight), as_dtype_of(grad_conv1_weight, conv1_weight).contiguous(),
+          as_dtype_of(grad_conv2_weight, conv2_weight).contiguous()};
+}
+
+}  // namespace ipmt
+
+#define IPMT_REGISTER_BLOCK_OPS(m)                                                                      \
+  m.impl("prototype_attention_block", &ipmt::prototype_attention_block);                              \
+  m.impl("prototype_attention_block_backward", &ipmt::prototype_attention_block_backward);            \
+  m.impl("feed_forward_block", &ipmt::feed_forward_block);                                            \
+  m.impl("feed_forward_block_backward", &ipmt::feed_forward_block_backward);                          \
+  m.impl("prediction_head", &ipmt::prediction_head);                                                  \
+  m.impl("prediction_head_backward", &ipmt::prediction_head_backward);                                \
+  m.impl("deformable_self_attention_block", &ipmt::deformable_self_attention_block);                  \
+  m.impl("deformable_self_attention_block_backward", &ipmt::deformable_self_attention_block_backward);\
+  m.impl("query_update_block", &ipmt::query_update_block);                                            \
+  m.impl("query_update_block_backward", &ipmt::query_update_block_backward);
+
+TORCH_LIBRARY_IMPL(ipmt_fast, CPU, m) { IPMT_REGISTER_BLOCK_OPS(m) }
+TORCH_LIBRARY_IMPL(ipmt_fast, CUDA, m) { IPMT_REGISTER_BLOCK_OPS(m) }
