@@ -153,8 +153,8 @@ def test_eval_does_not_inherit_cuda_graphs_from_the_checkpoint(tmp_path):
 
 def test_a_checkpoint_of_a_graphed_run_resumes_eagerly(tmp_path):
     """A graphed run saves its optimisers in their graph-safe forms (fused SGD, capturable AdamW
-    with device step counters); an eager run resuming from it gets PyTorch's defaults back and
-    continues exactly as from the same checkpoint written eagerly."""
+    with device step counters); an eager run resuming from it gets the trainer's eager forms back
+    (fused SGD and AdamW) and continues exactly as from the same checkpoint written eagerly."""
     torch.manual_seed(0)
     start = ipmt_fast.IPMT(**SMALL, backend="reference")
     first = Trainer(small_config(tmp_path / "first", steps=3), model=copy.deepcopy(start))
@@ -164,15 +164,16 @@ def test_a_checkpoint_of_a_graphed_run_resumes_eagerly(tmp_path):
     for group in state["optimizer"]["param_groups"]:
         group["fused"] = True
     for group in state["transformer_optimizer"]["param_groups"]:
-        group["capturable"] = True
+        group["capturable"], group["fused"] = True, None
     graphed_path = tmp_path / "graphed.pt"
     torch.save(state, graphed_path)
 
     results = []
     for path in (eager_path, graphed_path):
         resumed = Trainer(small_config(tmp_path / path.stem, steps=3, resume=str(path)), model=copy.deepcopy(start))
-        assert [g["fused"] for g in resumed.optimizer.param_groups] == [None]
-        assert [g["capturable"] for g in resumed.transformer_optimizer.param_groups] == [False, False]
+        assert [g["fused"] for g in resumed.optimizer.param_groups] == [True]
+        assert [(g["capturable"], g["fused"]) for g in resumed.transformer_optimizer.param_groups] == \
+            [(False, True), (False, True)]
         resumed.fit()
         results.append({n: p.detach().clone() for n, p in resumed.model.named_parameters()})
     for name, expected in results[0].items():

@@ -78,13 +78,13 @@ def check_training_support(device: torch.device, amp: str = "none", distributed:
 
 # --------------------------------------------------------------------------- optimisers
 def configure_optimizers_for_graphs(optimizers: Iterable[torch.optim.Optimizer], enabled: bool) -> None:
-    """Switch SGD and Adam/AdamW between their graph-safe forms and their defaults, in place.
+    """Switch SGD and Adam/AdamW between their graph-safe forms and the trainer's eager forms, in place.
 
-    Enabled: SGD ``fused=True`` (its default forms turn a tensor learning rate into a host
-    scalar), Adam/AdamW ``capturable=True`` with the ``step`` counters on the parameters' device.
-    Disabled: PyTorch's defaults (``fused``/``foreach`` chosen by PyTorch, ``capturable=False``,
-    ``step`` on the CPU), e.g. after resuming an eager run from a checkpoint a graphed run wrote.
-    Values are unchanged either way.
+    Enabled: SGD ``fused=True`` (its other forms turn a tensor learning rate into a host scalar),
+    Adam/AdamW ``capturable=True`` in PyTorch's multi-tensor form, the ``step`` counters on the
+    parameters' device. Disabled: both ``fused`` (see ``trainer.build_optimizers``), e.g. after
+    resuming an eager run from a checkpoint a graphed run wrote. The optimiser state keeps its
+    values either way.
     """
     for opt in optimizers:
         if isinstance(opt, torch.optim.SGD):
@@ -93,15 +93,17 @@ def configure_optimizers_for_graphs(optimizers: Iterable[torch.optim.Optimizer],
                     # Warm-up state is zeroed before capture (see _WarmupSnapshot), which equals "no
                     # momentum buffer yet" only without dampening.
                     raise CudaGraphError(f"CUDA graphs need SGD without dampening, got {group['dampening']}")
-                group["fused"] = True if enabled else None
+                group["fused"] = True
                 group["foreach"] = None
         elif isinstance(opt, torch.optim.Adam):  # AdamW is an Adam
             for group in opt.param_groups:
                 group["capturable"] = enabled
+                group["fused"] = None if enabled else True
+                group["foreach"] = None
                 for p in group["params"]:
                     state = opt.state.get(p)
-                    if state and "step" in state:
-                        state["step"] = state["step"].to(p.device if enabled else "cpu")
+                    if state and "step" in state:  # on the device for both forms
+                        state["step"] = state["step"].to(p.device)
         else:
             raise CudaGraphError(f"CUDA graphs support SGD and Adam/AdamW optimisers, got {type(opt).__name__}")
 
