@@ -312,12 +312,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "build": cmd_build}
 
 
+def _finish_progress_bars() -> None:
+    """Close the progress bars a failed command left open (tqdm's registry of live bars), so that
+    its error starts a line of its own instead of trailing the bar and being redrawn over."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from .train.trainer import SaveError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, FileNotFoundError, SaveError, ValueError) as err:
+        _finish_progress_bars()
         print(f"ipmt-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 
