@@ -1,4 +1,4 @@
-"""``ipmt-fast`` command line: ``train``, ``eval`` and ``predict``.
+"""``ipmt-fast`` command line: ``train``, ``eval``, ``predict`` and ``build``.
 
 Settings come from (lowest to highest) the built-in and dataset defaults, the configuration saved
 in a checkpoint (``eval``/``predict`` of our checkpoints), a YAML file (``--config``, our keys or
@@ -16,6 +16,7 @@ import numpy as np
 
 from .constants import BACKGROUND_LABEL, FOREGROUND_LABEL, IGNORE_LABEL
 from .data.base import DataError
+from .ops.extension import BUILD_DESCRIPTION, add_build_arguments, report_build
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 BACKEND_CHOICES = ("auto", "reference", "torch", "triton", "compiled")
@@ -64,8 +65,9 @@ def _add_cuda_graphs_arg(g) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipmt-fast", description="IPMT few-shot segmentation: train, evaluate, "
-                                     "predict. Run `ipmt-fast <command> --help` for a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
+                                     "predict; build the compiled ops ahead. Run `ipmt-fast <command> --help` for a "
+                                     "command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,build}")
 
     train = sub.add_parser("train", help="train a model", description=(
         "Train IPMT with the published recipe. Writes OUT/last.pt, OUT/best.pt (best validation mIoU), "
@@ -135,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", choices=BACKEND_CHOICES, help="op backend (default auto)")
     pr.add_argument("--device", help="cpu, cuda or cuda:N")
     _add_cuda_graphs_arg(pr)
+
+    bd = sub.add_parser("build", help="build the compiled ops ahead of the first model call",
+                        description=BUILD_DESCRIPTION)
+    add_build_arguments(bd)
     return parser
 
 
@@ -299,15 +305,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}
+def cmd_build(args: argparse.Namespace) -> int:
+    return report_build(args.require_cuda, prog="ipmt-fast build")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "build": cmd_build}
+
+
+def _finish_progress_bars() -> None:
+    """Close the progress bars a failed command left open (tqdm's registry of live bars), so that
+    its error starts a line of its own instead of trailing the bar and being redrawn over."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .train.trainer import SaveError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, FileNotFoundError, SaveError, ValueError) as err:
+        _finish_progress_bars()
         print(f"ipmt-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -29,15 +29,15 @@ def trained(tmp_path_factory):
     return out, stdout
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"], ["build"]])
 def test_help(command):
     code, stdout, _ = run_cli(*command, "--help")
     assert code == 0 and stdout.startswith("usage: ipmt-fast")
     expected = {"train": ["--data", "--data-root", "--split", "--shot", "--layers", "--image-size", "--steps",
                           "--backend", "--out", "--resume", "--config"],
                 "eval": ["--checkpoint", "--data", "--episodes"],
-                "predict": ["--query", "--support", "--support-mask"]}
-    for flag in expected.get(command[0] if command else "", ["train", "eval", "predict"]):
+                "predict": ["--query", "--support", "--support-mask"], "build": ["--require-cuda"]}
+    for flag in expected.get(command[0] if command else "", ["train", "eval", "predict", "build"]):
         assert flag in stdout
 
 

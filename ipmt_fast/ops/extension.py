@@ -12,13 +12,21 @@ sees a GPU and a CUDA toolkit (``nvcc``) is found; otherwise the library serves 
 A build that cannot happen (no C++ compiler, no ninja, a compile error) is not an exception at
 import time: :func:`unavailable_reason` returns a sentence naming what is missing, which the backend
 registry reports (``auto`` falls back with one warning; asking for ``compiled`` by name raises).
+
+A real compile (not a load from the cache) says so on stderr when it starts and how long it took
+when it ends: it takes tens of seconds, at the first call that needs the library. To build ahead:
+``ipmt-fast build`` or ``python -m ipmt_fast.ops.extension`` (:func:`main`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import sys
 import threading
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -43,7 +51,15 @@ _lock = threading.Lock()
 _library_path: Optional[str] = None
 _build_error: Optional[str] = None
 _cuda_unavailable: Optional[str] = None
+# Seconds the library took to compile in this process; None when it came from the cache.
+_compile_seconds: Optional[float] = None
 _on_load: List[Callable[[], None]] = []
+
+# `python -m ipmt_fast.ops.extension` imports the package, which imports this module, before it
+# runs this file as __main__; runpy then warns that the module is already imported. The __main__
+# block below delegates to the imported module, so that warning says nothing useful.
+warnings.filterwarnings("ignore", message=f"'{__name__}' found in sys.modules after import of package",
+                        category=RuntimeWarning)
 
 
 class ExtensionUnavailableError(RuntimeError):
@@ -101,11 +117,36 @@ def _build_name(sources, with_cuda: bool) -> str:
     return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
 
 
+def _sources(with_cuda: bool) -> List[Path]:
+    directory = source_dir()
+    return [directory / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+
+
+def _cached_library(with_cuda: bool) -> Optional[Path]:
+    """The library a build with these sources and flags already left in the build directory, or
+    None if ``load`` would compile (the directory is the one ``load`` itself uses for the name)."""
+    from torch.utils import cpp_extension
+
+    sources = _sources(with_cuda)
+    if not all(path.is_file() for path in sources):
+        return None
+    name = _build_name(sources, with_cuda)
+    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}{cpp_extension.LIB_EXT}"
+    return library if library.is_file() else None
+
+
+def _announce(message: str) -> None:
+    """One line on stderr, drawn above any active progress bar (tqdm's bars also live on stderr)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"ipmt-fast: {message}", file=sys.stderr)
+
+
 def _compile(with_cuda: bool):
     from torch.utils import cpp_extension
 
     directory = source_dir()
-    sources = [directory / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    sources = _sources(with_cuda)
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
         raise ExtensionUnavailableError(f"C++/CUDA sources not found: {', '.join(missing)}")
@@ -126,13 +167,26 @@ def _build():
     tools = build_tools_reason()
     if tools is not None:
         raise ExtensionUnavailableError(f"cannot build the C++ extension: {tools}")
+    global _compile_seconds
     cuda_reason = cuda_toolkit_reason()
+    compiles = _cached_library(with_cuda=cuda_reason is None) is None
+    if compiles:
+        kind = "C++/CUDA" if cuda_reason is None else "C++"
+        _announce(f"building the compiled ops ({kind} extension, once per source change; "
+                  f"`ipmt-fast build` does it ahead)...")
+    began = time.perf_counter()
+    library = None
     if cuda_reason is None:
         try:
-            return _compile(with_cuda=True), None
+            library = _compile(with_cuda=True)
         except ExtensionUnavailableError as error:
             cuda_reason = str(error)
-    return _compile(with_cuda=False), cuda_reason
+    if library is None:
+        library = _compile(with_cuda=False)
+    if compiles:
+        _compile_seconds = time.perf_counter() - began
+        _announce(f"built the compiled ops in {_compile_seconds:.1f} s: {library}")
+    return library, cuda_reason
 
 
 def on_load(register: Callable[[], None]) -> None:
@@ -181,3 +235,82 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cuda" and not built_with_cuda():
         return f"the C++ extension was built without CUDA kernels: {_cuda_unavailable}"
     return None
+
+
+# --------------------------------------------------------------------------- building ahead
+@dataclass(frozen=True)
+class BuildReport:
+    """What :func:`build` found.
+
+    Attributes:
+        library: path of the loaded library.
+        compile_seconds: how long this process took to compile it; None if it came from the cache.
+        cuda_kernels: whether it has the CUDA kernels.
+        no_cuda_reason: why it has none (None when it has them).
+    """
+
+    library: str
+    compile_seconds: Optional[float]
+    cuda_kernels: bool
+    no_cuda_reason: Optional[str]
+
+
+def build() -> BuildReport:
+    """Build the library now (or load it from the cache), as the first call of a compiled op
+    would. Raises :class:`ExtensionUnavailableError`, with the reason, where it cannot be built."""
+    library = load_extension()
+    cuda_kernels = built_with_cuda()
+    reason = None if cuda_kernels else (_cuda_unavailable or "the library registered no CUDA kernel")
+    return BuildReport(library, _compile_seconds, cuda_kernels, reason)
+
+
+def report_build(require_cuda: bool, prog: str) -> int:
+    """Build (or find cached) and print where the library is and whether it has CUDA kernels;
+    the exit code: 0, or 1 (after a one-line reason on stderr) if it cannot be built, or has no
+    CUDA kernels while ``require_cuda``. Shared by ``ipmt-fast build`` and :func:`main`."""
+    try:
+        result = build()
+    except ExtensionUnavailableError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    if result.compile_seconds is None:
+        print("compiled ops: found in the cache, nothing to build")
+    else:
+        print(f"compiled ops: built in {result.compile_seconds:.1f} s")
+    print(f"library: {result.library}")
+    print("CUDA kernels: yes" if result.cuda_kernels else f"CUDA kernels: no ({result.no_cuda_reason})")
+    if require_cuda and not result.cuda_kernels:
+        print(f"{prog}: error: --require-cuda: the library has no CUDA kernels: {result.no_cuda_reason}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_build_arguments(parser) -> None:
+    """The options of ``ipmt-fast build`` and ``python -m ipmt_fast.ops.extension``."""
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="fail (exit code 1) unless the library has CUDA kernels")
+
+
+BUILD_DESCRIPTION = ("Build the compiled ops (the C++/CUDA extension of the `compiled` backend, which `auto` "
+                     "uses) now instead of at the first model call, or find them in the cache; print where the "
+                     "library is and whether it has CUDA kernels. Exit code 1, with the reason, if it cannot be built.")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m ipmt_fast.ops.extension [--require-cuda]``."""
+    import argparse
+
+    prog = "python -m ipmt_fast.ops.extension"
+    parser = argparse.ArgumentParser(prog=prog, description=BUILD_DESCRIPTION)
+    add_build_arguments(parser)
+    args = parser.parse_args(argv)
+    return report_build(args.require_cuda, prog)
+
+
+if __name__ == "__main__":
+    # Run as a script this file is a second module object; the op modules registered their
+    # load hooks with the package's one, so build through that.
+    from ipmt_fast.ops.extension import main as package_main
+
+    sys.exit(package_main())

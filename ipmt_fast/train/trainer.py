@@ -185,21 +185,65 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it into place."""
+class SaveError(OSError):
+    """A checkpoint or metrics file could not be written (disk full, no permission, ...). The
+    temporary file is gone and a file already at the path is left as it was. The message reads
+    ``cannot write <what> <path>: <reason>`` (one line)."""
+
+    def __init__(self, what: str, path: str, reason: str):
+        super().__init__(f"cannot write {what} {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _os_error_behind(error: BaseException) -> Optional[OSError]:
+    """The OSError behind ``error``: itself, or one it was raised from or while handling.
+    torch.save reports a failed write of its file object as its own RuntimeError (``[enforce
+    fail at inline_container.cc:...] . unexpected pos ...``) raised while handling the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _write_atomic(path: str, what: str, mode: str, write, **open_args) -> None:
+    """``write(file)`` to a temporary file in the same folder, synced, then ``os.replace`` it into
+    place. If that fails, the temporary file is removed (a checkpoint's is tens of megabytes) and
+    a failed write (an OSError: disk full, quota, permissions) becomes a :class:`SaveError`;
+    anything else (an interrupt, a bug) is raised as it was."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **open_args) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        cause = _os_error_behind(error)
+        if cause is None:
+            raise
+        reason = os.strerror(cause.errno)
+        reason = reason[:1].lower() + reason[1:]
+        if os.path.exists(path):
+            reason += f" ({path} from before is unchanged)"
+        raise SaveError(what, path, reason) from error
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it into place;
+    :class:`SaveError` (the temporary file removed) if it cannot be written."""
+    _write_atomic(path, "checkpoint", "wb", lambda f: torch.save(obj, f))
 
 
 def write_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """``json.dump`` like :func:`save_atomic`: all or nothing, :class:`SaveError` if it cannot be written."""
+    _write_atomic(path, "metrics file", "w", lambda f: json.dump(obj, f, indent=2), encoding="utf-8")
 
 
 def load_checkpoint_file(path: str) -> dict:
