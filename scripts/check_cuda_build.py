@@ -1,0 +1,187 @@
+"""Build ``csrc/`` with its CUDA kernels against a CUDA build of PyTorch, load it, and check that
+every operator the library defines has a CUDA kernel. Needs no GPU.
+
+The package itself compiles the CUDA sources only where PyTorch sees a GPU
+(``ipmt_fast.ops.extension.cuda_toolkit_reason``), so on a machine without one this script drives
+the same build: the source lists and flags are imported from ``ipmt_fast.ops.extension``, the
+architectures come from ``TORCH_CUDA_ARCH_LIST``. It prints what it ran and what it found and
+exits non-zero on any failure. Run it with the Python of an environment holding a CUDA build of
+torch and this repository (``scripts/check_cuda_build.sh`` sets one up and calls it).
+
+    python scripts/check_cuda_build.py [--archs "8.0;9.0"] [--build-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# A100 and H100: the GPUs the benches ran on and the package supports.
+DEFAULT_ARCHS = "8.0;9.0"
+# The names this script needs from ipmt_fast.ops.extension (the package's own build recipe).
+EXTENSION_NAMES = ("NAMESPACE", "CPU_SOURCES", "CUDA_SOURCES", "HEADERS", "CXX_FLAGS", "CUDA_FLAGS", "LD_FLAGS",
+                   "source_dir")
+
+
+def fail(message: str) -> "None":
+    print(f"FAIL: {message}", flush=True)
+    sys.exit(1)
+
+
+def command_output(command) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"<{error}>"
+    return (result.stdout + result.stderr).strip()
+
+
+def find_cuda_home() -> Path:
+    """$CUDA_HOME, else the toolkit that the ``nvcc`` on PATH belongs to (following wrappers and links)."""
+    if os.environ.get("CUDA_HOME"):
+        return Path(os.environ["CUDA_HOME"])
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        fail("no nvcc on PATH and CUDA_HOME unset: install a CUDA toolkit or set CUDA_HOME")
+    # The nvcc on PATH may be a shell wrapper around the toolkit's binary: ask nvcc itself where its
+    # toolkit is (a dry-run compile prints it as TOP), falling back to ../.. of its real path.
+    with tempfile.TemporaryDirectory() as folder:
+        empty = Path(folder, "empty.cu")
+        empty.write_text("")
+        for line in command_output([nvcc, "--dryrun", "-c", str(empty), "-o", str(empty.with_suffix(".o"))]).splitlines():
+            if line.startswith("#$ TOP="):
+                return Path(line.split("=", 1)[1].strip()).resolve()
+    return Path(os.path.realpath(nvcc)).parents[1]
+
+
+def wheel_include_dirs() -> list:
+    """Include folders of the nvidia-* wheels beside this torch (cuBLAS, cuSPARSE, ... headers that a
+    minimal toolkit lacks)."""
+    folders = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        folders += sorted(str(p) for p in Path(site, "nvidia").glob("*/include") if p.is_dir())
+    return folders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS),
+                        help=f"TORCH_CUDA_ARCH_LIST (default $TORCH_CUDA_ARCH_LIST or {DEFAULT_ARCHS!r})")
+    parser.add_argument("--build-dir", type=Path, help="build folder (default: a new temporary one, so it compiles)")
+    args = parser.parse_args()
+
+    # cpp_extension reads CUDA_HOME and the architecture list when imported / when building.
+    cuda_home = find_cuda_home()
+    os.environ["CUDA_HOME"] = str(cuda_home)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = args.archs
+
+    import torch
+    from torch.utils import cpp_extension
+
+    nvcc = cuda_home / "bin" / "nvcc"
+    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    changed = [line for line in command_output(["git", "-C", str(REPO), "status", "--porcelain"]).splitlines() if line]
+    print(f"repository: {REPO} at {command_output(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'])}"
+          f" ({len(changed)} uncommitted changes)")
+    print(f"python: {platform.python_version()} ({sys.executable})")
+    print(f"torch: {torch.__version__}, built for CUDA {torch.version.cuda}; torch.cuda.is_available(): "
+          f"{torch.cuda.is_available()}")
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    print(f"triton: {triton.__version__ if triton else 'not installed'}")
+    print(f"CUDA_HOME: {cuda_home}")
+    print(f"nvcc: {command_output([str(nvcc), '--version']).splitlines()[-1]}")
+    print(f"c++: {command_output([os.environ.get('CXX', 'c++'), '--version']).splitlines()[0]}")
+    print(f"TORCH_CUDA_ARCH_LIST: {args.archs}")
+    if torch.version.cuda is None:
+        fail(f"torch {torch.__version__} is a CPU build: run this with a CUDA build of torch")
+    if not nvcc.is_file():
+        fail(f"nvcc not found at {nvcc}")
+
+    from ipmt_fast.ops import extension
+
+    missing = [name for name in EXTENSION_NAMES if not hasattr(extension, name)]
+    if missing:
+        fail(f"ipmt_fast.ops.extension no longer defines {', '.join(missing)}: update this script")
+    namespace = extension.NAMESPACE
+    directory = extension.source_dir()
+    sources = [directory / name for name in extension.CPU_SOURCES + extension.CUDA_SOURCES]
+    absent = [str(p) for p in sources + [directory / h for h in extension.HEADERS] if not p.is_file()]
+    if absent:
+        fail(f"sources listed in ipmt_fast.ops.extension not found: {', '.join(absent)}")
+
+    # Searched after the toolkit's own headers (-idirafter): the wheels fill in only what it lacks.
+    wheel_includes = wheel_include_dirs()
+    after_cxx = [flag for folder in wheel_includes for flag in ("-idirafter", folder)]
+    after_nvcc = [f"-Xcompiler=-idirafter,{folder}" for folder in wheel_includes]
+    print(f"sources: {', '.join(p.name for p in sources)}")
+    print(f"nvidia wheel include folders (searched last): {', '.join(wheel_includes) or 'none'}")
+
+    # Ops the package defined from Python (Triton ops) before the library is in: not the library's.
+    def namespace_ops():
+        return {name for name in torch._C._dispatch_get_all_op_names() if name.startswith(namespace + "::")}
+
+    before = namespace_ops()
+    preloaded = [name for name in before if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")]
+    if preloaded:
+        fail(f"importing ipmt_fast already loaded a library defining {', '.join(sorted(preloaded))}: "
+             "a second one cannot register the namespace; update this script")
+    build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="ipmt_fast_cuda_build_"))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"build folder: {build_dir}\n--- build ---", flush=True)
+    try:
+        library = cpp_extension.load(
+            name=f"{extension.EXTENSION_NAME}_cuda_check", sources=[str(p) for p in sources],
+            extra_cflags=list(extension.CXX_FLAGS) + after_cxx,
+            extra_cuda_cflags=list(extension.CUDA_FLAGS) + after_nvcc,
+            extra_ldflags=list(extension.LD_FLAGS), extra_include_paths=[str(directory)],
+            build_directory=str(build_dir), with_cuda=True, is_python_module=False, verbose=True)
+    except Exception as error:  # compiler errors arrive as RuntimeError / CalledProcessError
+        fail(f"the CUDA build failed: {error}")
+    print(f"--- built and loaded: {library}", flush=True)
+
+    # Triton ships cuobjdump; a minimal toolkit may not.
+    cuobjdump = shutil.which("cuobjdump", path=str(cuda_home / "bin")) or (
+        triton and Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    cuobjdump = Path(cuobjdump) if cuobjdump else None
+    expected = {f"sm_{arch.replace('.', '')}" for arch in args.archs.replace(",", ";").split(";") if arch.strip()}
+    if cuobjdump is not None and cuobjdump.is_file():
+        listing = command_output([str(cuobjdump), "--list-elf", str(library)])
+        print(f"device code in the library ({cuobjdump.name} --list-elf):\n{listing}")
+        found = {arch for arch in expected if f".{arch}." in listing}
+        if found != expected:
+            fail(f"the library holds device code for {sorted(found)}, expected {sorted(expected)}")
+    else:
+        print("cuobjdump not found (it ships with triton): device architectures not listed")
+
+    defined = sorted(namespace_ops() - before)
+    if not defined:
+        fail(f"loading {library} defined no {namespace}:: operators")
+    print(f"--- {len(defined)} operators defined by the library (dispatch keys with a kernel: CPU, CUDA)")
+    lacking = []
+    for name in defined:
+        cpu = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        print(f"{name:55s} CPU {'yes' if cpu else 'NO '}  CUDA {'yes' if cuda else 'NO'}")
+        if not (cpu and cuda):
+            lacking.append(name)
+    for name in sorted(before):
+        print(f"(defined from Python, not by the library: {name})")
+    if lacking:
+        fail(f"{len(lacking)} of {len(defined)} operators lack a CPU or CUDA kernel: {', '.join(lacking)}")
+    print(f"PASS: {len(defined)} operators, each with a CPU and a CUDA kernel; device code for "
+          f"{', '.join(sorted(expected))}")
+
+
+if __name__ == "__main__":
+    main()
