@@ -88,9 +88,11 @@ def main() -> None:
 
     nvcc = cuda_home / "bin" / "nvcc"
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    changed = [line for line in command_output(["git", "-C", str(REPO), "status", "--porcelain"]).splitlines() if line]
+    # Changes to what is built or checked; the logs this script writes do not count.
+    changed = [line for line in command_output(["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
+                                                ":(exclude)scripts/logs"]).splitlines() if line]
     print(f"repository: {REPO} at {command_output(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'])}"
-          f" ({len(changed)} uncommitted changes)")
+          f" ({len(changed)} uncommitted changes outside scripts/logs)")
     print(f"python: {platform.python_version()} ({sys.executable})")
     print(f"torch: {torch.__version__}, built for CUDA {torch.version.cuda}; torch.cuda.is_available(): "
           f"{torch.cuda.is_available()}")
@@ -100,7 +102,7 @@ def main() -> None:
         triton = None
     print(f"triton: {triton.__version__ if triton else 'not installed'}")
     print(f"CUDA_HOME: {cuda_home}")
-    print(f"nvcc: {command_output([str(nvcc), '--version']).splitlines()[-1]}")
+    print(f"nvcc: {' '.join(command_output([str(nvcc), '--version']).splitlines()[-2:])}")
     print(f"c++: {command_output([os.environ.get('CXX', 'c++'), '--version']).splitlines()[0]}")
     print(f"TORCH_CUDA_ARCH_LIST: {args.archs}")
     if torch.version.cuda is None:
