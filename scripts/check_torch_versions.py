@@ -242,8 +242,9 @@ def main() -> None:
         parser.error("name at least one torch release, or --smoke")
     args.log.parent.mkdir(parents=True, exist_ok=True)
     details = args.log.with_suffix(".details.log")
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    # The commit checked, "-dirty" when tracked files differ from it.
+    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=7", "--match", "^"],
+                          capture_output=True, text=True).stdout.strip()
     failed = []
     with open(details, "a") as log:
         for version in args.versions:
