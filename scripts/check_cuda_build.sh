@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --archs) archs="$2"; shift 2 ;;
     --tests) tests=1; shift ;;
     --log) log="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "check_cuda_build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
