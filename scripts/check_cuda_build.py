@@ -4,8 +4,11 @@ every operator the library defines has a CUDA kernel. Needs no GPU.
 The package itself compiles the CUDA sources only where PyTorch sees a GPU
 (``ipmt_fast.ops.extension.cuda_toolkit_reason``), so on a machine without one this script drives
 the same build: the source lists and flags are imported from ``ipmt_fast.ops.extension``, the
-architectures come from ``TORCH_CUDA_ARCH_LIST``. It prints what it ran and what it found and
-exits non-zero on any failure. Run it with the Python of an environment holding a CUDA build of
+architectures come from ``TORCH_CUDA_ARCH_LIST``. The build, the load and the per-operator check
+run in a child process that imports torch alone, so every ``ipmt_fast::`` operator there is the
+library's, whatever the package registers or loads at import; the operators the package defines
+from Python (the Triton ones) are checked in this process. It prints what it ran and what it found
+and exits non-zero on any failure. Run it with the Python of an environment holding a CUDA build of
 torch and this repository (``scripts/check_cuda_build.sh`` sets one up and calls it).
 
     python scripts/check_cuda_build.py [--archs "8.0;9.0"] [--build-dir DIR]
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -24,13 +28,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# A100 and H100: the GPUs the benches ran on and the package supports.
+# sm_80 (A100) and sm_90 (H100, where the benches ran).
 DEFAULT_ARCHS = "8.0;9.0"
 # Dispatch keys whose kernel serves CUDA tensors.
 SERVES_CUDA = ("CUDA", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
 # The names this script needs from ipmt_fast.ops.extension (the package's own build recipe).
-EXTENSION_NAMES = ("NAMESPACE", "CPU_SOURCES", "CUDA_SOURCES", "HEADERS", "CXX_FLAGS", "CUDA_FLAGS", "LD_FLAGS",
-                   "source_dir")
+EXTENSION_NAMES = ("EXTENSION_NAME", "NAMESPACE", "CPU_SOURCES", "CUDA_SOURCES", "HEADERS", "CXX_FLAGS", "CUDA_FLAGS",
+                   "LD_FLAGS", "source_dir")
 
 
 def fail(message: str) -> "None":
@@ -78,7 +82,11 @@ def main() -> None:
     parser.add_argument("--archs", default=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS),
                         help=f"TORCH_CUDA_ARCH_LIST (default $TORCH_CUDA_ARCH_LIST or {DEFAULT_ARCHS!r})")
     parser.add_argument("--build-dir", type=Path, help="build folder (default: a new temporary one, so it compiles)")
+    parser.add_argument("--build-and-list", metavar="RECIPE_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_and_list:  # the child process of the check below
+        build_and_list(json.loads(args.build_and_list))
+        return
 
     # cpp_extension reads CUDA_HOME and the architecture list when imported / when building.
     cuda_home = find_cuda_home()
@@ -86,8 +94,6 @@ def main() -> None:
     os.environ["TORCH_CUDA_ARCH_LIST"] = args.archs
 
     import torch
-    from torch.utils import cpp_extension
-
     nvcc = cuda_home / "bin" / "nvcc"
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     # Changes to what is built or checked; the logs this script writes do not count.
@@ -131,44 +137,81 @@ def main() -> None:
     print(f"sources: {', '.join(p.name for p in sources)}")
     print(f"nvidia wheel include folders (searched last): {', '.join(wheel_includes) or 'none'}")
 
-    # Ops the package defined from Python (Triton ops) before the library is in: not the library's.
-    def namespace_ops():
-        return {name for name in torch._C._dispatch_get_all_op_names() if name.startswith(namespace + "::")}
+    # The Triton ops are defined from Python (torch.library.triton_op) when ipmt_fast is imported:
+    # one device-generic kernel (CompositeExplicitAutograd) that launches on the tensors' device, so
+    # a CUDA kernel or a composite one both serve CUDA tensors. Ops with a CPU kernel come from a
+    # library the package may have loaded itself; the build below is checked in its own process.
+    python_ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith(namespace + "::")
+                        and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
+    print(f"--- {len(python_ops)} operators defined from Python (kernel for CUDA tensors: its own or composite)")
+    lacking = []
+    for name in python_ops:
+        served = [key for key in SERVES_CUDA if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
+        print(f"{name:55s} {', '.join(served) or 'NONE'}")
+        if not served:
+            lacking.append(name)
 
-    before = namespace_ops()
-    preloaded = [name for name in before if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")]
-    if preloaded:
-        fail(f"importing ipmt_fast already loaded a library defining {', '.join(sorted(preloaded))}: "
-             "a second one cannot register the namespace; update this script")
     build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="ipmt_fast_cuda_build_"))
-    build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"build folder: {build_dir}\n--- build ---", flush=True)
+    recipe = {"name": f"{extension.EXTENSION_NAME}_cuda_check", "sources": [str(p) for p in sources],
+              "extra_cflags": list(extension.CXX_FLAGS) + after_cxx,
+              "extra_cuda_cflags": list(extension.CUDA_FLAGS) + after_nvcc,
+              "extra_ldflags": list(extension.LD_FLAGS), "extra_include_paths": [str(directory)],
+              "build_directory": str(build_dir), "namespace": namespace, "archs": args.archs,
+              "cuobjdump": str(cuobjdump_path(cuda_home, triton) or "")}
+    # A fresh process that imports torch only: every operator in the namespace there is the library's.
+    library_check = subprocess.run([sys.executable, __file__, "--build-and-list", json.dumps(recipe)])
+    if library_check.returncode:
+        fail("the library check above failed" + (f"; and {len(lacking)} Python-defined operators have no kernel for "
+                                                  f"CUDA tensors: {', '.join(lacking)}" if lacking else ""))
+    if lacking:
+        fail(f"{len(lacking)} Python-defined operators have no kernel for CUDA tensors: {', '.join(lacking)}")
+    print(f"PASS: the library's operators each have a CPU and a CUDA kernel (above), and the {len(python_ops)} "
+          f"Python-defined ones a kernel serving CUDA")
+
+
+def cuobjdump_path(cuda_home: Path, triton):
+    """The toolkit's cuobjdump, else the copy Triton ships (a minimal toolkit may lack it), or None."""
+    found = shutil.which("cuobjdump", path=str(cuda_home / "bin"))
+    if found:
+        return Path(found)
+    if triton is not None:
+        shipped = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if shipped.is_file():
+            return shipped
+    return None
+
+
+def build_and_list(recipe: dict) -> None:
+    """In a process that has not imported ipmt_fast: build and load the library with CUDA kernels,
+    list its device code, and check that each operator it defines has a CPU and a CUDA kernel."""
+    import torch
+    from torch.utils import cpp_extension
+
+    namespace = recipe["namespace"]
+    Path(recipe["build_directory"]).mkdir(parents=True, exist_ok=True)
+    print(f"build folder: {recipe['build_directory']}\n--- build ---", flush=True)
     try:
         library = cpp_extension.load(
-            name=f"{extension.EXTENSION_NAME}_cuda_check", sources=[str(p) for p in sources],
-            extra_cflags=list(extension.CXX_FLAGS) + after_cxx,
-            extra_cuda_cflags=list(extension.CUDA_FLAGS) + after_nvcc,
-            extra_ldflags=list(extension.LD_FLAGS), extra_include_paths=[str(directory)],
-            build_directory=str(build_dir), with_cuda=True, is_python_module=False, verbose=True)
+            name=recipe["name"], sources=recipe["sources"], extra_cflags=recipe["extra_cflags"],
+            extra_cuda_cflags=recipe["extra_cuda_cflags"], extra_ldflags=recipe["extra_ldflags"],
+            extra_include_paths=recipe["extra_include_paths"], build_directory=recipe["build_directory"],
+            with_cuda=True, is_python_module=False, verbose=True)
     except Exception as error:  # compiler errors arrive as RuntimeError / CalledProcessError
         fail(f"the CUDA build failed: {error}")
     print(f"--- built and loaded: {library}", flush=True)
 
-    # Triton ships cuobjdump; a minimal toolkit may not.
-    cuobjdump = shutil.which("cuobjdump", path=str(cuda_home / "bin")) or (
-        triton and Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    cuobjdump = Path(cuobjdump) if cuobjdump else None
-    expected = {f"sm_{arch.replace('.', '')}" for arch in args.archs.replace(",", ";").split(";") if arch.strip()}
-    if cuobjdump is not None and cuobjdump.is_file():
-        listing = command_output([str(cuobjdump), "--list-elf", str(library)])
-        print(f"device code in the library ({cuobjdump.name} --list-elf):\n{listing}")
+    archs = recipe["archs"].replace(",", ";").split(";")
+    expected = {f"sm_{arch.strip().replace('.', '')}" for arch in archs if arch.strip()}
+    if recipe["cuobjdump"]:
+        listing = command_output([recipe["cuobjdump"], "--list-elf", str(library)])
+        print(f"device code in the library (cuobjdump --list-elf):\n{listing}")
         found = {arch for arch in expected if f".{arch}." in listing}
         if found != expected:
             fail(f"the library holds device code for {sorted(found)}, expected {sorted(expected)}")
     else:
-        print("cuobjdump not found (it ships with triton): device architectures not listed")
+        print("cuobjdump not found (neither in the toolkit nor in triton): device architectures not listed")
 
-    defined = sorted(namespace_ops() - before)
+    defined = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith(namespace + "::"))
     if not defined:
         fail(f"loading {library} defined no {namespace}:: operators")
     print(f"--- {len(defined)} operators defined by the library (dispatch keys with a kernel: CPU, CUDA)")
@@ -179,20 +222,10 @@ def main() -> None:
         print(f"{name:55s} CPU {'yes' if cpu else 'NO '}  CUDA {'yes' if cuda else 'NO'}")
         if not (cpu and cuda):
             lacking.append(name)
-    # The Triton ops are defined from Python (torch.library.triton_op): one device-generic kernel
-    # (CompositeExplicitAutograd) that launches on the tensors' device, so a CUDA kernel or a
-    # composite one both serve CUDA tensors.
-    print(f"--- {len(before)} operators defined from Python (kernel for CUDA tensors: its own or composite)")
-    for name in sorted(before):
-        served = [key for key in SERVES_CUDA if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
-        print(f"{name:55s} {', '.join(served) or 'NONE'}")
-        if not served:
-            lacking.append(name)
     if lacking:
-        fail(f"{len(lacking)} of {len(defined) + len(before)} operators have no kernel for CUDA (or CPU) tensors: "
-             f"{', '.join(lacking)}")
-    print(f"PASS: {len(defined)} library operators, each with a CPU and a CUDA kernel, and {len(before)} Python-defined "
-          f"ones with a kernel serving CUDA; device code for {', '.join(sorted(expected))}")
+        fail(f"{len(lacking)} of {len(defined)} library operators lack a CPU or CUDA kernel: {', '.join(lacking)}")
+    print(f"library: {len(defined)} operators, each with a CPU and a CUDA kernel; device code for "
+          f"{', '.join(sorted(expected)) if recipe['cuobjdump'] else 'not listed'}", flush=True)
 
 
 if __name__ == "__main__":
