@@ -94,8 +94,8 @@ struct Normed {
 Normed layer_norm(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                   const Precision& precision) {
   if (!weight.has_value() || !weight->defined()) {
-    const Tensor none = nothing(x, x.scalar_type());
-    return {x, none, none, none};
+    // Distinct empty tensors: an operator's outputs may not alias one another.
+    return {x, nothing(x, x.scalar_type()), nothing(x, x.scalar_type()), nothing(x, x.scalar_type())};
   }
   const Tensor input = precision.norm_input(x);
   auto [out, mean, rstd] = at::native_layer_norm(input, {input.size(-1)}, weight, bias, eps);
@@ -218,7 +218,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block_backward(
 // prediction_head: E = FFN(LN(P)) (decoder_norm, mask_embed); logits = E T^T; next mask
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head(
+// The layer norm's float32 input is not returned: it is the prototype itself outside autocast, and an
+// operator's output may not alias its input; the backward casts the prototype again instead.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head(
     const Tensor& prototype, const Tensor& tokens, const Tensor& norm_weight, const Tensor& norm_bias,
     double norm_eps, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p, bool train,
     optional<at::ScalarType> compute_dtype) {
@@ -235,16 +237,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor lower_embedding = precision.lower(embedding);
   auto [logits, next_mask] = prototype_mask_logits(lower_embedding, precision.lower(tokens),
                                                    mask_logit_threshold(lower_embedding.scalar_type()));
-  return {logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed.out, normed.input, normed.mean,
-          normed.rstd};
+  return {logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed.out, normed.mean, normed.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backward(
     const Tensor& grad_logits, const Tensor& prototype, const Tensor& tokens, const Tensor& norm_weight,
     const Tensor& norm_bias, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p,
     optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep, const Tensor& hidden,
-    const Tensor& embedding, const Tensor& normed, const Tensor& norm_input, const Tensor& norm_mean,
-    const Tensor& norm_rstd) {
+    const Tensor& embedding, const Tensor& normed, const Tensor& norm_mean, const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
   const Tensor lower_embedding = precision.lower(embedding);
   auto [grad_lower_embedding, grad_tokens] = prototype_mask_logits_backward(
@@ -256,7 +256,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backw
   auto [grad_normed, grad_hidden_weight, grad_output_weight] = feed_forward_backward(
       grad_branch, lower_normed, precision.lower(hidden_weight), precision.lower(output_weight),
       optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
-  const NormGrads norm = layer_norm_backward(grad_embedding + as_dtype_of(grad_normed, embedding), norm_input,
+  const NormGrads norm = layer_norm_backward(grad_embedding + as_dtype_of(grad_normed, embedding),
+                                             precision.norm_input(prototype),
                                              norm_mean, norm_rstd, norm_weight, norm_bias);
   return {as_dtype_of(norm.input, prototype), as_dtype_of(grad_tokens, tokens),
           as_dtype_of(norm.weight, norm_weight), as_dtype_of(norm.bias, norm_bias),

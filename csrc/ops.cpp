@@ -128,11 +128,11 @@ TORCH_LIBRARY(ipmt_fast, m) {
   m.def("prediction_head(Tensor prototype, Tensor tokens, Tensor norm_weight, Tensor norm_bias, float norm_eps, "
         "Tensor hidden_weight, Tensor output_weight, float dropout_p, bool train, ScalarType? compute_dtype=None) "
         "-> (Tensor logits, Tensor next_mask, Tensor hidden_keep, Tensor out_keep, Tensor hidden, "
-        "Tensor embedding, Tensor normed, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd)", seeded);
+        "Tensor embedding, Tensor normed, Tensor norm_mean, Tensor norm_rstd)", seeded);
   m.def("prediction_head_backward(Tensor grad_logits, Tensor prototype, Tensor tokens, Tensor norm_weight, "
         "Tensor norm_bias, Tensor hidden_weight, Tensor output_weight, float dropout_p, ScalarType? compute_dtype, "
-        "Tensor hidden_keep, Tensor out_keep, Tensor hidden, Tensor embedding, Tensor normed, Tensor norm_input, "
-        "Tensor norm_mean, Tensor norm_rstd) -> (Tensor grad_prototype, Tensor grad_tokens, "
+        "Tensor hidden_keep, Tensor out_keep, Tensor hidden, Tensor embedding, Tensor normed, Tensor norm_mean, "
+        "Tensor norm_rstd) -> (Tensor grad_prototype, Tensor grad_tokens, "
         "Tensor grad_norm_weight, Tensor grad_norm_bias, Tensor grad_hidden_weight, Tensor grad_output_weight)");
   m.def("deformable_self_attention_block(Tensor tokens, Tensor pos, Tensor padding_mask, Tensor reference_points, "
         "Tensor offset_normalizer, int height, int width, Tensor value_weight, Tensor value_bias, "

@@ -164,8 +164,7 @@ def _keep_fake(like, shape, dropout_p, train, dtype=torch.bool):
 def _norm_fake(x, weight, bias, eps, compute_dtype):
     """``(out, input, mean, rstd)`` of the C++ ``layer_norm`` step."""
     if weight is None:
-        none = x.new_empty(0)
-        return x, none, none, none
+        return x, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if compute_dtype is not None and x.dtype in (torch.float16, torch.bfloat16):
         x = x.to(torch.float32)
     out, mean, rstd = torch.ops.aten.native_layer_norm.default(x, [x.shape[-1]], weight, bias, eps)
@@ -216,7 +215,7 @@ def _feed_forward_block_backward_fake(grad_out, x, hidden_weight, output_weight,
 
 def _prediction_head_fake(prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight, output_weight, dropout_p,
                           train, compute_dtype=None):
-    normed, norm_input, mean, rstd = _norm_fake(prototype, norm_weight, norm_bias, norm_eps, compute_dtype)
+    normed, _, mean, rstd = _norm_fake(prototype, norm_weight, norm_bias, norm_eps, compute_dtype)
     hidden_keep = _keep_fake(prototype, (*prototype.shape[:-1], hidden_weight.shape[0]), dropout_p, train)
     out, hidden = ffn._compiled_fake(*[_lower(t, compute_dtype) for t in (normed, hidden_weight, output_weight)],
                                      hidden_keep if _dropping(dropout_p, train) else None, 1.0, False)
@@ -224,12 +223,12 @@ def _prediction_head_fake(prototype, tokens, norm_weight, norm_bias, norm_eps, h
     embedding = normed + out
     logits, next_mask = query_activation._mask_logits_fake(_lower(embedding, compute_dtype),
                                                            _lower(tokens, compute_dtype))
-    return logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed, norm_input, mean, rstd
+    return logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed, mean, rstd
 
 
 def _prediction_head_backward_fake(grad_logits, prototype, tokens, norm_weight, norm_bias, hidden_weight,
                                    output_weight, dropout_p, compute_dtype, hidden_keep, out_keep, hidden, embedding,
-                                   normed, norm_input, norm_mean, norm_rstd):
+                                   normed, norm_mean, norm_rstd):
     return contiguous_like(prototype, tokens, norm_weight, norm_bias, hidden_weight, output_weight)
 
 
