@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .compile_options import DEFAULT_NUM_WARPS, launch_options
+
 # Queries per program: enough rows per gather to fill the channel block's loads.
 QUERY_BLOCK = 16
 # Channels per program: IPMT's D = 384 splits into 3 programs per query block, which keeps the
@@ -223,7 +225,7 @@ def _launch_geometry(value: torch.Tensor, num_queries: int, num_levels: int, fus
     grid = (triton.cdiv(num_queries, QUERY_BLOCK), batch * heads, triton.cdiv(channels, block_d))
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
     return grid, dict(NUM_LEVELS=num_levels, BLOCK_Q=QUERY_BLOCK, BLOCK_D=block_d, ACC_DTYPE=acc,
-                      FUSED=fused_coordinate)
+                      FUSED=fused_coordinate, **launch_options(DEFAULT_NUM_WARPS))
 
 
 def ms_deform_sample_forward(value, spatial_shapes, sampling_locations, attention_weights, fused_coordinate):

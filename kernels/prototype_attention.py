@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .compile_options import launch_options
+
 # A program holds BLOCK_M x BLOCK_N x BLOCK_C fp32 products in registers. At this many elements
 # and warps both kernels compile for sm_90 (C = 384, fp32 and bf16) to at most 128 registers per
 # thread without spills, so two programs share an SM; twice the tile needs 170-255 registers.
@@ -368,11 +370,11 @@ def softmax_pool_forward(query: torch.Tensor, tokens: torch.Tensor, token_mask: 
         rows, n, channels, split.tokens_per_split, split.num_splits, float(scale),
         *query.stride(), *tokens.stride(), *mask.stride(), *keep_strides,
         HAS_KEEP=keep is not None, BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c,
-        num_warps=NUM_WARPS)
+        **launch_options(NUM_WARPS))
     block_s = min(triton.next_power_of_2(split.num_splits), max(1, COMBINE_TILE_ELEMENTS // split.block_c))
     wrap_triton(_softmax_pool_combine_kernel)[(batch * rows,)](
         part_max, part_sum, part_pooled, pooled, lse, rows, channels, split.num_splits, *pooled.stride(),
-        BLOCK_S=block_s, BLOCK_C=split.block_c, num_warps=NUM_WARPS)
+        BLOCK_S=block_s, BLOCK_C=split.block_c, **launch_options(NUM_WARPS))
     return pooled, lse
 
 
@@ -411,7 +413,7 @@ def softmax_pool_backward(query: torch.Tensor, tokens: torch.Tensor, token_mask:
         *query.stride(), *tokens.stride(), *mask.stride(), *keep_strides, *pooled.stride(),
         *grad_pooled.stride(), *grad_tokens_strides,
         HAS_KEEP=keep is not None, STORE_GRAD_TOKENS=need_grad_tokens,
-        BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c, num_warps=NUM_WARPS)
+        BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c, **launch_options(NUM_WARPS))
     grad_query = grad_query_part.sum(dim=1).to(query.dtype)
     if need_grad_tokens and several_row_passes:
         grad_tokens = grad_tokens.to(tokens.dtype)
