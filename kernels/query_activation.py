@@ -22,7 +22,11 @@ PROTOTYPE_BLOCK = 16
 TOKEN_BLOCK = 64
 CHANNEL_BLOCK = 64
 REDUCTION_BLOCK = 32
-NUM_WARPS = 4
+# At 4 warps the float32 and float64 products (IEEE, so FMA loops rather than tensor cores) of
+# the 64 x 64 tiles took all 255 registers and spilled, and ptxas for sm_90 spilled the bf16 /
+# fp16 logits kernel at 72 registers; at 8 warps every kernel and dtype compiles for sm_80 and
+# sm_90 without spills (tests/test_triton_gpu_compile.py).
+NUM_WARPS = 8
 NUM_STAGES = 3
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
