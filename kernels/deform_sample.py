@@ -20,11 +20,19 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .compile_options import WARP_SIZE, launch_options
+
 # Queries per program: enough rows per gather to fill the channel block's loads.
 QUERY_BLOCK = 16
-# Channels per program: IPMT's D = 384 splits into 3 programs per query block, which keeps the
-# fp32 tiles (queries x channels) in registers and gives the GPU more programs than SMs.
-MAX_CHANNEL_BLOCK = 128
+# Bytes of one (queries x channels) tile of the accumulator dtype per thread: the warps of a
+# program are as many as spread each tile at this rate (4 fp32 or 2 fp64 elements a thread). The
+# backward keeps several such tiles live (the output gradient, a corner's values, the products
+# added to the value gradient) plus their 64-bit addresses; at 64 bytes a thread (4 warps for a
+# 16 x 128 fp32 tile) it used all 255 registers of sm_80 and spilled. At this rate neither kernel
+# spills on sm_80 or sm_90 at any IPMT shape (tests/test_triton_gpu_compile.py).
+TILE_BYTES_PER_THREAD = 16
+# Threads of 16 warps have at most 128 registers each; more would leave each fewer.
+MAX_WARPS = 16
 # Levels the kernels take as scalar arguments (Deformable-DETR uses 4, IPMT 1).
 MAX_LEVELS = 4
 
@@ -217,13 +225,25 @@ def _level_arguments(spatial_shapes) -> list:
     return arguments + [1, 1, 0] * (MAX_LEVELS - len(spatial_shapes))
 
 
+def _channel_block_and_warps(value_dtype: torch.dtype, channels: int):
+    """Channel block and warps of both kernels for ``channels`` per head: the largest power-of-two
+    channel block, up to the one ``MAX_WARPS`` warps hold at ``TILE_BYTES_PER_THREAD`` (128 fp32
+    channels, 64 fp64; IPMT's D = 384 then takes 3 programs per query block), and the warps that
+    spread its tile at that rate."""
+    accumulator_bytes = _accumulator_dtype(value_dtype).itemsize
+    largest_block = MAX_WARPS * WARP_SIZE * TILE_BYTES_PER_THREAD // (QUERY_BLOCK * accumulator_bytes)
+    block_d = min(triton.next_power_of_2(channels), largest_block)
+    num_warps = max(1, QUERY_BLOCK * block_d * accumulator_bytes // (WARP_SIZE * TILE_BYTES_PER_THREAD))
+    return block_d, num_warps
+
+
 def _launch_geometry(value: torch.Tensor, num_queries: int, num_levels: int, fused_coordinate: bool):
     batch, _, heads, channels = value.shape
-    block_d = min(triton.next_power_of_2(channels), MAX_CHANNEL_BLOCK)
+    block_d, num_warps = _channel_block_and_warps(value.dtype, channels)
     grid = (triton.cdiv(num_queries, QUERY_BLOCK), batch * heads, triton.cdiv(channels, block_d))
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
     return grid, dict(NUM_LEVELS=num_levels, BLOCK_Q=QUERY_BLOCK, BLOCK_D=block_d, ACC_DTYPE=acc,
-                      FUSED=fused_coordinate)
+                      FUSED=fused_coordinate, **launch_options(num_warps))
 
 
 def ms_deform_sample_forward(value, spatial_shapes, sampling_locations, attention_weights, fused_coordinate):

@@ -38,11 +38,15 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .compile_options import launch_options
+
 # A program holds BLOCK_M x BLOCK_N x BLOCK_C fp32 products in registers. At this many elements
-# and warps both kernels compile for sm_90 (C = 384, fp32 and bf16) to at most 128 registers per
-# thread without spills, so two programs share an SM; twice the tile needs 170-255 registers.
+# and warps every kernel fits the register budget of RESIDENT_PROGRAMS programs per SM (128 per
+# thread; inputs of up to 32 bits) without spills on sm_80 and sm_90
+# (tests/test_triton_gpu_compile.py); twice the tile needs 170-255 registers.
 NUM_WARPS = 8
 TILE_ELEMENTS = 8192
+RESIDENT_PROGRAMS = 2
 # Query rows handled per pass over the tokens (registers grow with it).
 MAX_BLOCK_M = 4
 MAX_BLOCK_N = 128
@@ -97,6 +101,13 @@ def plan_token_split(batch: int, rows: int, tokens: int, channels: int, device: 
         splits_wanted = max(1, target_programs // programs_per_span)
         tokens_per_split = triton.cdiv(triton.cdiv(tokens, splits_wanted), block_n) * block_n
     return TokenSplit(block_m, block_n, block_c, tokens_per_split, triton.cdiv(tokens, tokens_per_split))
+
+
+def _launch_options(tokens: torch.Tensor) -> dict:
+    """Compile options of every launch: the register budget of ``RESIDENT_PROGRAMS`` programs per
+    SM, except for float64 tokens, whose loads and stores take twice the registers (up to 150
+    per thread on sm_80, which a budget of 128 made spill)."""
+    return launch_options(NUM_WARPS, programs_per_sm=RESIDENT_PROGRAMS if tokens.element_size() <= 4 else None)
 
 
 def _rows_with_allowed_tokens(token_mask: torch.Tensor) -> torch.Tensor:
@@ -368,11 +379,11 @@ def softmax_pool_forward(query: torch.Tensor, tokens: torch.Tensor, token_mask: 
         rows, n, channels, split.tokens_per_split, split.num_splits, float(scale),
         *query.stride(), *tokens.stride(), *mask.stride(), *keep_strides,
         HAS_KEEP=keep is not None, BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c,
-        num_warps=NUM_WARPS)
+        **_launch_options(tokens))
     block_s = min(triton.next_power_of_2(split.num_splits), max(1, COMBINE_TILE_ELEMENTS // split.block_c))
     wrap_triton(_softmax_pool_combine_kernel)[(batch * rows,)](
         part_max, part_sum, part_pooled, pooled, lse, rows, channels, split.num_splits, *pooled.stride(),
-        BLOCK_S=block_s, BLOCK_C=split.block_c, num_warps=NUM_WARPS)
+        BLOCK_S=block_s, BLOCK_C=split.block_c, **_launch_options(tokens))
     return pooled, lse
 
 
@@ -411,7 +422,8 @@ def softmax_pool_backward(query: torch.Tensor, tokens: torch.Tensor, token_mask:
         *query.stride(), *tokens.stride(), *mask.stride(), *keep_strides, *pooled.stride(),
         *grad_pooled.stride(), *grad_tokens_strides,
         HAS_KEEP=keep is not None, STORE_GRAD_TOKENS=need_grad_tokens,
-        BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c, num_warps=NUM_WARPS)
+        BLOCK_M=split.block_m, BLOCK_N=split.block_n, BLOCK_C=split.block_c,
+        **_launch_options(tokens))
     grad_query = grad_query_part.sum(dim=1).to(query.dtype)
     if need_grad_tokens and several_row_passes:
         grad_tokens = grad_tokens.to(tokens.dtype)

@@ -14,13 +14,19 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .compile_options import launch_options
+
 # Tile sizes. 16 is the smallest row count `tl.dot` accepts on a GPU, so the (usually tiny)
 # prototype dimension is padded to it.
 PROTOTYPE_BLOCK = 16
 TOKEN_BLOCK = 64
 CHANNEL_BLOCK = 64
 REDUCTION_BLOCK = 32
-NUM_WARPS = 4
+# At 4 warps the float32 and float64 products (IEEE, so FMA loops rather than tensor cores) of
+# the 64 x 64 tiles took all 255 registers and spilled, and ptxas for sm_90 spilled the bf16 /
+# fp16 logits kernel at 72 registers; at 8 warps every kernel and dtype compiles for sm_80 and
+# sm_90 without spills (tests/test_triton_gpu_compile.py).
+NUM_WARPS = 8
 NUM_STAGES = 3
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -37,11 +43,6 @@ def _dot_operand_dtype(t: torch.Tensor):
     if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cuda":
         return _TL_DTYPES[t.dtype]
     return _TL_DTYPES[accumulator_dtype(t.dtype)]
-
-
-def _launch_options(t: torch.Tensor) -> dict:
-    # The interpreter (CPU tensors) has no warps or pipeline stages to choose.
-    return {} if t.device.type == "cpu" else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 # acc + a @ b with the operands in DOT_DTYPE; float32 operands multiply in IEEE float32.
@@ -121,7 +122,7 @@ def thresholded_logits(a: torch.Tensor, b: torch.Tensor, threshold: float):
         m, n, c,
         *a.stride(), *b.stride(), *logits.stride(),
         ACC_DTYPE=_TL_DTYPES[accumulator_dtype(a.dtype)], DOT_DTYPE=_dot_operand_dtype(a), THRESHOLD=threshold,
-        BLOCK_M=PROTOTYPE_BLOCK, BLOCK_N=TOKEN_BLOCK, BLOCK_C=CHANNEL_BLOCK, **_launch_options(a),
+        BLOCK_M=PROTOTYPE_BLOCK, BLOCK_N=TOKEN_BLOCK, BLOCK_C=CHANNEL_BLOCK, **launch_options(NUM_WARPS, NUM_STAGES),
     )
     return logits, keep
 
@@ -183,7 +184,7 @@ def logits_backward(grad_logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
         m, n, c,
         *grad_logits.stride(), *a.stride(), *b.stride(), *grad_b.stride(), *grad_a_partial.stride(),
         ACC_DTYPE=_TL_DTYPES[acc_dtype], DOT_DTYPE=_dot_operand_dtype(a),
-        BLOCK_M=PROTOTYPE_BLOCK, BLOCK_N=TOKEN_BLOCK, BLOCK_C=CHANNEL_BLOCK, **_launch_options(a),
+        BLOCK_M=PROTOTYPE_BLOCK, BLOCK_N=TOKEN_BLOCK, BLOCK_C=CHANNEL_BLOCK, **launch_options(NUM_WARPS, NUM_STAGES),
     )
     return grad_a_partial.sum(dim=1).to(a.dtype), grad_b
 
@@ -236,7 +237,7 @@ def bias_relu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
         n, k, o,
         *x.stride(), *weight.stride(), *bias.stride(), *y.stride(),
         ACC_DTYPE=_TL_DTYPES[accumulator_dtype(x.dtype)], DOT_DTYPE=_dot_operand_dtype(x),
-        BLOCK_N=TOKEN_BLOCK, BLOCK_O=CHANNEL_BLOCK, BLOCK_K=REDUCTION_BLOCK, **_launch_options(x),
+        BLOCK_N=TOKEN_BLOCK, BLOCK_O=CHANNEL_BLOCK, BLOCK_K=REDUCTION_BLOCK, **launch_options(NUM_WARPS, NUM_STAGES),
     )
     return y
 
@@ -306,6 +307,6 @@ def relu_grad_matmul(grad_y: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
         *grad_y.stride(), *y.stride(), *weight.stride(), *grad_x.stride(), *grad_pre.stride(),
         *bias_grad_partial.stride(),
         ACC_DTYPE=_TL_DTYPES[acc_dtype], DOT_DTYPE=_dot_operand_dtype(y),
-        BLOCK_N=TOKEN_BLOCK, BLOCK_K=CHANNEL_BLOCK, BLOCK_O=REDUCTION_BLOCK, **_launch_options(y),
+        BLOCK_N=TOKEN_BLOCK, BLOCK_K=CHANNEL_BLOCK, BLOCK_O=REDUCTION_BLOCK, **launch_options(NUM_WARPS, NUM_STAGES),
     )
     return grad_x, grad_pre, bias_grad_partial.sum(dim=1)
