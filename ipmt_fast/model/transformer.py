@@ -42,9 +42,28 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+def child(module: nn.Module, *path: str):
+    """``module.<path>``: a submodule, or a parameter at the end of the path, read from the
+    modules' own dicts. Attribute access on a module reaches ``nn.Module.__getattr__`` only after
+    a failed lookup has raised AttributeError: ~10k instructions per access, 4.8M per transformer
+    forward at IPMT's batch at tiny sizes (a tenth of the fused model's host time, NOTES.md)."""
+    for name in path[:-1]:
+        module = module._modules[name]
+    last = path[-1]
+    return module._parameters[last] if last in module._parameters else module._modules[last]
+
+
+def children(module: nn.Module, name: str) -> list:
+    """The modules of the container ``module.<name>`` (an ``nn.ModuleList``), as a list."""
+    return list(module._modules[name]._modules.values())
+
+
 def norm_arguments(norm: Optional[nn.LayerNorm]) -> tuple:
     """``(weight, bias, eps)`` of a layer norm, or no norm."""
-    return (None, None, blocks.LAYER_NORM_EPS) if norm is None else (norm.weight, norm.bias, norm.eps)
+    if norm is None:
+        return None, None, blocks.LAYER_NORM_EPS
+    parameters = norm._parameters
+    return parameters["weight"], parameters["bias"], norm.eps
 
 
 class OpModule(nn.Module):
@@ -99,13 +118,17 @@ class FFN(OpModule):
     @property
     def weights(self) -> tuple:
         """``(hidden_weight, output_weight)``."""
-        return self.layers[0][0].weight, self.layers[1].weight
+        return child(self, "layers", "0", "0", "weight"), child(self, "layers", "1", "weight")
+
+    @property
+    def dropout_p(self) -> float:
+        """The probability of both dropouts (the published FFN builds both with one)."""
+        return self._modules["dropout"].p
 
     def forward(self, x, norm: Optional[nn.LayerNorm] = None):
-        """The FFN of ``x`` and, when given, ``norm`` of it. Both dropouts use ``self.dropout.p``
-        (the published FFN builds both with one probability)."""
+        """The FFN of ``x`` and, when given, ``norm`` of it."""
         fn = self.implementation(blocks.FEED_FORWARD_BLOCK, x.device)
-        return fn(x, *self.weights, *norm_arguments(norm), self.dropout.p, self.training, self.recompute_hidden)
+        return fn(x, *self.weights, *norm_arguments(norm), self.dropout_p, self.training, self.recompute_hidden)
 
 
 class MaskedPrototypeAttention(OpModule):
@@ -116,19 +139,20 @@ class MaskedPrototypeAttention(OpModule):
 
     def __init__(self, dim: int, dropout: float = DROPOUT, suffix: str = ""):
         super().__init__()
-        self._names = tuple(f"{kind}{suffix}_fc" for kind in "qkv")
-        for name in self._names:
+        self._names = tuple(f"{kind}{suffix}_fc" for kind in "qkv") + ("proj",)
+        for name in self._names[:3]:
             self.add_module(name, nn.Linear(dim, dim, bias=False))
         self.proj = nn.Linear(dim, dim, bias=False)
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, prototype, tokens, token_mask, norm: Optional[nn.LayerNorm] = None):
-        """Both dropouts use ``self.attn_drop.p`` (the published layer builds both with one)."""
-        q_fc, k_fc, v_fc = (getattr(self, name) for name in self._names)
+        """Both dropouts use ``attn_drop.p`` (the published layer builds both with one)."""
+        modules = self._modules
+        q, k, v, proj = (modules[name]._parameters["weight"] for name in self._names)
         fn = self.implementation(blocks.ATTENTION_BLOCK, prototype.device)
-        return fn(prototype, tokens, token_mask, q_fc.weight, k_fc.weight, v_fc.weight, self.proj.weight,
-                  *norm_arguments(norm), self.attn_drop.p, self.training)
+        return fn(prototype, tokens, token_mask, q, k, v, proj, *norm_arguments(norm), modules["attn_drop"].p,
+                  self.training)
 
 
 class DeformableSelfAttention(OpModule):
@@ -171,11 +195,11 @@ class DeformableSelfAttention(OpModule):
         reference points and the ``(W, H)`` normaliser (see
         :func:`ipmt_fast.ops.deformable_self_attention`), ``dropout_p`` the dropout's probability."""
         fn = self.implementation(blocks.DEFORMABLE_BLOCK, tokens.device)
-        return fn(tokens, pos, padding_mask, reference_points, offset_normalizer, height, width,
-                  self.value_proj.weight, self.value_proj.bias, self.sampling_offsets.weight,
-                  self.sampling_offsets.bias, self.attention_weights.weight, self.attention_weights.bias,
-                  self.output_proj.weight, self.output_proj.bias, self.n_heads, self.n_points, norm.weight, norm.bias,
-                  norm.eps, dropout_p, self.training)
+        weights = [self._modules[name]._parameters[kind]
+                   for name in ("value_proj", "sampling_offsets", "attention_weights", "output_proj")
+                   for kind in ("weight", "bias")]
+        return fn(tokens, pos, padding_mask, reference_points, offset_normalizer, height, width, *weights, self.n_heads,
+                  self.n_points, *norm_arguments(norm), dropout_p, self.training)
 
 
 def sine_positional_encoding(padding: torch.Tensor, num_feats: int, dtype: torch.dtype) -> torch.Tensor:
@@ -290,14 +314,17 @@ class IPMTransformer(OpModule):
         """Mask logits ``(B, 1, N)`` of ``tokens`` and the next attention mask ``(B, N)``: the
         ``prediction_head`` op over ``decoder_norm`` and ``mask_embed``."""
         fn = self.implementation(blocks.PREDICTION_HEAD, prototype.device)
-        logits, next_mask = fn(prototype, tokens, *norm_arguments(self.decoder_norm), *self.mask_embed.weights,
-                               self.mask_embed.dropout.p, self.training)
+        mask_embed = self._modules["mask_embed"]
+        logits, next_mask = fn(prototype, tokens, *norm_arguments(self._modules["decoder_norm"]), *mask_embed.weights,
+                               mask_embed.dropout_p, self.training)
         return logits, next_mask[:, 0]
 
     def update_query(self, l: int, query, prototype, h: int, w: int):
         """``update_q[l]`` then the ``res_q[l]`` residual on the ``h x w`` map (``query_update_block``)."""
         fn = self.implementation(blocks.QUERY_UPDATE_BLOCK, query.device)
-        return fn(query, prototype, self.update_q[l][0].weight, self.res_q[l][0].weight, self.res_q[l][2].weight, h, w)
+        index = str(l)
+        return fn(query, prototype, child(self, "update_q", index, "0", "weight"),
+                  child(self, "res_q", index, "0", "weight"), child(self, "res_q", index, "2", "weight"), h, w)
 
     def forward(self, x, qry_masks, s_x, supp_mask, init_mask):
         """Run the transformer.
@@ -329,7 +356,8 @@ class IPMTransformer(OpModule):
             padding = F.interpolate(qry_masks.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0] == IGNORE_LABEL
         # Position features and reference points in at least float32, whatever the autocast dtype.
         coord_dtype = torch.promote_types(x.dtype, torch.float32)
-        pos = sine_positional_encoding(padding, c // 2, coord_dtype).flatten(2).transpose(1, 2) + self.level_embed[0]
+        pos = (sine_positional_encoding(padding, c // 2, coord_dtype).flatten(2).transpose(1, 2)
+               + child(self, "level_embed")[0])
         padding = padding.flatten(1)
         support_labels = F.interpolate(supp_mask.float(), size=(h, w), mode="nearest")
         support_fg = repair_support_mask(support_labels == FOREGROUND_LABEL).flatten(1)  # shots along tokens
@@ -339,19 +367,23 @@ class IPMTransformer(OpModule):
         normalizer = offset_normalizer([(h, w)], coord_dtype, x.device)
 
         query_logits, support_logits, mined = [], [], []
-        prototype = self.prototype.weight.unsqueeze(0).expand(b, 1, c)
-        for l in range(L):
-            prototype = self.cross_layers[l](prototype, support, support_fg, self.layer_norms[2 * l])
-            prototype = self.ffns[l](prototype, self.layer_norms[2 * l + 1])
+        # The layers as lists (ModuleList indexing is Python code of its own).
+        norms = children(self, "layer_norms")
+        ffns = children(self, "ffns")
+        prototype = child(self, "prototype", "weight").unsqueeze(0).expand(b, 1, c)
+        for l, cross_layer in enumerate(children(self, "cross_layers")):
+            prototype = cross_layer(prototype, support, support_fg, norms[2 * l])
+            prototype = ffns[l](prototype, norms[2 * l + 1])
             mined.append(prototype)
             query_logits.append(self.prediction_head(prototype, query)[0].view(b, 1, h, w))
 
         attn_mask = init_mask.flatten(1) == FOREGROUND_LABEL
-        for l in range(L):
-            query = self.qry_self_layers[l](query, pos, padding, reference_points, normalizer, h, w,
-                                            self.layer_norms[2 * L + 2 * l], self.proj_drop.p)
-            query = self.ffns[L + l](query, self.layer_norms[2 * L + 2 * l + 1])
-            prototype = self.decoder_cross_attention_layers[l](mined[l], query, attn_mask)
+        dropout_p = child(self, "proj_drop").p
+        layers = zip(children(self, "qry_self_layers"), children(self, "decoder_cross_attention_layers"))
+        for l, (self_layer, cross_layer) in enumerate(layers):
+            query = self_layer(query, pos, padding, reference_points, normalizer, h, w, norms[2 * L + 2 * l], dropout_p)
+            query = ffns[L + l](query, norms[2 * L + 2 * l + 1])
+            prototype = cross_layer(mined[l], query, attn_mask)
             logits, attn_mask = self.prediction_head(prototype, query)
             query_logits.append(logits.view(b, 1, h, w))
             support_logits.append(self.prediction_head(prototype, support)[0].view(b, shot, h, w))
