@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,10 +60,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def parse_with_device_defaults(parser, argv, defaults):
-    """Parse ``argv``, resolve ``--device``, and fill every option left at None from
-    ``defaults['cuda' or 'cpu']``. Returns ``(args, device)``."""
-    args = parser.parse_args(argv)
+def parse_with_device_defaults(parser, argv, defaults, parsed=None):
+    """Parse ``argv`` (or take the already ``parsed`` namespace), resolve ``--device``, and fill
+    every option left at None from ``defaults['cuda' or 'cpu']``. Returns ``(args, device)``."""
+    args = parser.parse_args(argv) if parsed is None else parsed
     device = resolve_device(args.device)
     for key, value in defaults["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
@@ -145,17 +145,21 @@ class Stats:
     # during them, and samples kept although they did (after MAX_RETAKES).
     retaken: int = 0
     disturbed: int = 0
+    # Median CPU time of the calling thread per call: the host's cost of issuing the work (on a
+    # GPU the rest of the wall time is the device's; on the CPU with one thread it is all of it).
+    host_median: Optional[float] = None
 
     @classmethod
-    def of(cls, samples: Sequence[float], calls_per_sample: int, retaken: int = 0, disturbed: int = 0
-           ) -> "Stats":
+    def of(cls, samples: Sequence[float], calls_per_sample: int, retaken: int = 0, disturbed: int = 0,
+           host_samples: Sequence[float] = ()) -> "Stats":
         ordered = sorted(samples)
         if len(ordered) > 1:
             p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
         else:
             p25 = p75 = ordered[0]
+        host = statistics.median(host_samples) if host_samples else None
         return cls(statistics.median(ordered), p25, p75, ordered[0], ordered[-1], len(ordered), calls_per_sample,
-                   retaken, disturbed)
+                   retaken, disturbed, host)
 
     @property
     def spread(self) -> float:
@@ -163,20 +167,24 @@ class Stats:
         return (self.p75 - self.p25) / self.median if self.median > 0 else float("nan")
 
 
-def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> Tuple[float, float]:
+    """Seconds per call: ``(wall clock, or CUDA events on a GPU; the calling thread's CPU time
+    until the last call returned)``."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        host_begin = time.thread_time()
         for _ in range(calls):
             fn()
+        host = time.thread_time() - host_begin
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    begin = time.perf_counter()
+        return start.elapsed_time(end) / 1e3 / calls, host / calls
+    begin, host_begin = time.perf_counter(), time.thread_time()
     for _ in range(calls):
         fn()
     synchronize(device)
-    return (time.perf_counter() - begin) / calls
+    return (time.perf_counter() - begin) / calls, (time.thread_time() - host_begin) / calls
 
 
 class OtherProcessesClock:
@@ -253,7 +261,7 @@ def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch
             for _ in range(max(warmup, 1)):
                 fn()
             synchronize(device)
-            once = _time_calls(fn, 1, device)
+            once, _ = _time_calls(fn, 1, device)
         except Exception as exc:  # noqa: BLE001 - a failing variant is reported, not fatal
             failures[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log(f"  skipping {name}: {failures[name]}")
@@ -262,6 +270,7 @@ def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch
         sample_s[name] = once * calls[name]
     names = list(calls)
     samples: Dict[str, List[float]] = {name: [] for name in names}
+    host_samples: Dict[str, List[float]] = {name: [] for name in names}
     retaken = dict.fromkeys(names, 0)
     disturbed = dict.fromkeys(names, 0)
     gc_was_enabled = gc.isenabled()
@@ -278,7 +287,7 @@ def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch
                         if sample_s[name] < REWARM_BELOW_S:
                             variants[name]()
                         clock = OtherProcessesClock().start()
-                    seconds = _time_calls(variants[name], calls[name], device)
+                    seconds, host_seconds = _time_calls(variants[name], calls[name], device)
                     if not gate:
                         break
                     others_ran = clock.seconds() > QUIET_OTHER_CORES * seconds * calls[name] + 2 * clock.TICK_S
@@ -289,10 +298,12 @@ def measure_interleaved(variants: Dict[str, Callable[[], object]], device: torch
                     else:
                         retaken[name] += 1
                 samples[name].append(seconds)
+                host_samples[name].append(host_seconds)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: Stats.of(samples[name], calls[name], retaken[name], disturbed[name]) for name in names}
+    return {name: Stats.of(samples[name], calls[name], retaken[name], disturbed[name], host_samples[name])
+            for name in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +536,7 @@ def write_json(payload: dict, path: Path) -> None:
 def stats_fields(stats: Stats) -> dict:
     """Stats as milliseconds, for rows."""
     counts = ("n", "calls_per_sample", "retaken", "disturbed")
-    return {f"{k}_ms": v * 1e3 for k, v in asdict(stats).items() if k not in counts} | {
+    return {f"{k}_ms": None if v is None else v * 1e3 for k, v in asdict(stats).items() if k not in counts} | {
         "samples": stats.n, "calls_per_sample": stats.calls_per_sample, "retaken_samples": stats.retaken,
         "disturbed_samples": stats.disturbed}
 

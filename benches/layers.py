@@ -44,6 +44,8 @@ from ipmt_fast.constants import FOREGROUND_LABEL, IGNORE_LABEL, OUTPUT_STRIDE
 from ipmt_fast.ops import registry
 from ipmt_fast.model.transformer import IPMTransformer
 from ipmt_fast.train import graphs
+from ipmt_fast.train.config import TrainConfig
+from ipmt_fast.train.trainer import build_optimizers
 
 from . import common
 
@@ -56,13 +58,11 @@ COMPILE_PATTERN = re.compile(r"^compile\((?P<backend>[\w+]+)(?:,(?P<mode>[\w-]+)
 # Fraction of the query label's rows at the bottom set to 255 (padding), as after a resize + pad.
 PADDED_ROW_FRACTION = 0.125
 SEED = 0
-# The published optimisers (IPMT_SPEC section 4): SGD outside the transformer, AdamW inside, with
-# the published momentum and weight decays but a learning rate of 0: the optimisers do the same
-# arithmetic while the weights stay put, so hundreds of benchmark steps on random data cannot
-# diverge (with the published rates a random-weight network's losses blow up within a few steps).
+# The published optimisers (IPMT_SPEC section 4, as the trainer builds them) at a learning rate
+# of 0: the optimisers do the same arithmetic while the weights stay put, so hundreds of benchmark
+# steps on random data cannot diverge (with the published rates a random-weight network's losses
+# blow up within a few steps).
 BENCH_LR = 0.0
-SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.9, 1e-4
-ADAMW_WEIGHT_DECAY = 1e-2
 
 DEFAULTS = {
     # 2-core CPU: B=1, fp32, few layer counts and repeats.
@@ -70,6 +70,13 @@ DEFAULTS = {
     "cuda": dict(layers="1,3,5,8", batch=4, dtypes="bf16,fp32", warmup=3, repeats=10, compile_layers="",
                  quiet_wait=0.0),
 }
+# --regime host: IPMT's batch (4 episodes) at sizes where every kernel is nearly free, so a call's
+# time is the host's (Python, autograd, dispatcher, launches): what paces a GPU at IPMT's batch
+# sizes. One thread on the CPU. Eager and torch.compile side by side, per layer (slope over L).
+HOST_REGIME = dict(bench="transformer,step", layers="1,5", batch=4, image_size=17, width=32, dtypes="fp32",
+                   threads=1, warmup=3, repeats=15, tag="layers-host", backends="reference,auto")
+HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto)",
+                         "cuda": "compile(reference),compile(reference,reduce-overhead),compile(auto)"}
 
 
 # A variant is a model-wide backend name, optionally with these suffixes: +recompute, the
@@ -214,9 +221,19 @@ class TransformerBench:
         self.init_mask = _rectangle_labels((batch, h, h), g, device).long()
         self.tokens = h * h
         self._grads: Dict[str, List[torch.Tensor]] = {}
+        self._copies: Dict[str, torch.nn.Module] = {}
+
+    def module_for(self, variant: str) -> torch.nn.Module:
+        """A copy of the model configured as ``variant`` once (same weights for every variant, and no
+        reconfiguring inside the timed call)."""
+        if variant not in self._copies:
+            self._copies[variant] = copy.deepcopy(self.model)
+            configure(self._copies[variant], variant)
+        return self._copies[variant]
 
     def parameters_and_buffers(self) -> List[torch.Tensor]:
-        return list(self.model.parameters()) + list(self.model.buffers())
+        modules = [self.model, *self._copies.values()]
+        return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
     def _outputs(self, module, autocast):
         with autocast():
@@ -226,13 +243,15 @@ class TransformerBench:
 
     def runner(self, backend: str, dtype_name: str, module: Optional[torch.nn.Module] = None,
                cache_enabled: bool = True) -> Callable[[], None]:
-        module = self.model if module is None else module
+        module = self.module_for(backend) if module is None else module
         autocast = autocast_for(dtype_name, self.device, cache_enabled)
+        # Gradients reset as an optimiser's zero_grad does, over a list (Module.zero_grad walks the
+        # module tree: 2.8M instructions a call at the host-bound shapes, a tenth of a fused step).
+        parameters = list(module.parameters())
 
         def run():
-            if module is self.model:
-                configure(self.model, backend)
-            module.zero_grad(set_to_none=True)
+            for p in parameters:
+                p.grad = None
             self.x.grad = self.s_x.grad = None
             outs = self._outputs(module, autocast)
             if dtype_name not in self._grads:  # random output gradients, drawn once per dtype
@@ -254,7 +273,9 @@ class TransformerBench:
 
 
 class StepBench:
-    """The full network's training step: forward (losses), backward, SGD + AdamW steps."""
+    """The full network's training step: forward (losses), backward, SGD + AdamW steps. The
+    ``reference`` variant steps with the published optimisers in PyTorch's default form, the others
+    with the trainer's (``ipmt_fast.train.build_optimizers``: fused where PyTorch has it)."""
 
     name = "step"
 
@@ -269,35 +290,42 @@ class StepBench:
         self.supp_labels = _rectangle_labels((batch, shot, image_size, image_size), g, device)
         self.labels = _query_labels(batch, image_size, image_size, g, device)
         self.tokens = ((image_size - 1) // OUTPUT_STRIDE + 1) ** 2
-        self.optimizers = self.make_optimizers()
+        self._copies: Dict[str, Tuple[torch.nn.Module, List[torch.optim.Optimizer]]] = {}
 
-    def make_optimizers(self) -> List[torch.optim.Optimizer]:
-        """The published pair (SGD outside the transformer, AdamW inside) at ``BENCH_LR``."""
-        transformer = {id(p) for p in self.model.transformer.parameters()}
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return [
-            torch.optim.SGD([p for p in trainable if id(p) not in transformer], lr=BENCH_LR, momentum=SGD_MOMENTUM,
-                            weight_decay=SGD_WEIGHT_DECAY),
-            torch.optim.AdamW([p for p in trainable if id(p) in transformer], lr=BENCH_LR,
-                              weight_decay=ADAMW_WEIGHT_DECAY),
-        ]
+    def make_optimizers(self, model: torch.nn.Module, published: bool) -> List[torch.optim.Optimizer]:
+        """The published pair (SGD outside the transformer, AdamW inside) at ``BENCH_LR``, in
+        PyTorch's default form (``published``) or the trainer's."""
+        cfg = TrainConfig(base_lr=BENCH_LR, transformer_lr=BENCH_LR)
+        return list(build_optimizers(model, cfg, fast=not published))
+
+    def copy_for(self, variant: str) -> Tuple[torch.nn.Module, List[torch.optim.Optimizer]]:
+        """A copy of the network configured as ``variant`` once, with its own optimisers."""
+        if variant not in self._copies:
+            model = copy.deepcopy(self.model)
+            configure(model, variant)
+            published = split_variant(variant)[0] == "reference"
+            self._copies[variant] = model, self.make_optimizers(model, published)
+        return self._copies[variant]
 
     def parameters_and_buffers(self) -> List[torch.Tensor]:
-        state = [t for opt in self.optimizers for s in opt.state.values() for t in s.values()
-                 if isinstance(t, torch.Tensor)]
-        return list(self.model.parameters()) + list(self.model.buffers()) + state
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for model, optimizers in self._copies.values():
+            tensors += list(model.parameters()) + list(model.buffers())
+            tensors += [t for opt in optimizers for s in opt.state.values() for t in s.values()
+                        if isinstance(t, torch.Tensor)]
+        return tensors
 
     def runner(self, backend: str, dtype_name: str, module=None) -> Callable[[], None]:
         autocast = autocast_for(dtype_name, self.device)
+        model, optimizers = self.copy_for(backend)
 
         def run():
-            configure(self.model, backend)
-            for opt in self.optimizers:
+            for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             with autocast():
-                _, main_loss, aux_loss = self.model(self.images, self.supp_images, self.supp_labels, self.labels)
+                _, main_loss, aux_loss = model(self.images, self.supp_images, self.supp_labels, self.labels)
             (main_loss + aux_loss).backward()
-            for opt in self.optimizers:
+            for opt in optimizers:
                 opt.step()
         return run
 
@@ -312,14 +340,12 @@ class GraphedStepRun:
     copied into the graph's input buffers, as a training loop copies each loader batch)."""
 
     def __init__(self, bench: StepBench, variant: str, dtype_name: str):
-        self.bench, self.variant = bench, variant
-        self.step = graphs.GraphedStep(bench.model, bench.make_optimizers(), amp=amp_name(dtype_name), aux_weight=1.0)
+        model, optimizers = bench.copy_for(variant)
+        self.step = graphs.GraphedStep(model, optimizers, amp=amp_name(dtype_name), aux_weight=1.0)
         self.batch = {"image": bench.images, "support_images": bench.supp_images,
                       "support_labels": bench.supp_labels, "label": bench.labels}
 
     def __call__(self) -> None:
-        if self.step.pool_bytes is None:  # the backend matters only while capturing
-            configure(self.bench.model, self.variant)
         self.step.step(self.batch)
 
     @property
@@ -403,6 +429,7 @@ def per_layer_rows(rows: List[dict]) -> List[dict]:
         ls = [r["num_layers"] for r in members]
         out.append(dict(bench=bench, dtype=dtype, variant=variant, layer_counts=",".join(map(str, sorted(ls))),
                         ms_per_layer=common.linear_slope(ls, [r["median_ms"] for r in members]),
+                        host_ms_per_layer=common.linear_slope(ls, [r.get("host_median_ms") for r in members]),
                         saved_bytes_per_layer=common.linear_slope(ls, [r.get("saved_bytes") for r in members]),
                         peak_bytes_per_layer=common.linear_slope(ls, [r.get("peak_bytes") for r in members]),
                         ops_per_layer=common.linear_slope(ls, [r.get("ops") for r in members]),
@@ -441,6 +468,7 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
 TABLE_COLUMNS = [
     ("bench", "bench"), ("L", "num_layers"), ("dtype", "dtype"), ("variant", "variant"),
     ("median ms", lambda r: common.fmt_ms(r.get("median_ms"))),
+    ("host ms", lambda r: common.fmt_ms(r.get("host_median_ms"))),
     ("IQR %", common.fmt_iqr),
     ("n", "samples"),
     ("retaken/disturbed", lambda r: f"{r.get('retaken_samples', 0)}/{r.get('disturbed_samples', 0)}"),
@@ -455,6 +483,7 @@ TABLE_COLUMNS = [
 SLOPE_COLUMNS = [
     ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layer_counts"),
     ("ms/layer", lambda r: common.fmt_ms(r["ms_per_layer"])),
+    ("host ms/layer", lambda r: common.fmt_ms(r.get("host_ms_per_layer"))),
     ("saved MiB/layer", lambda r: common.fmt_mib(r["saved_bytes_per_layer"])),
     ("peak MiB/layer", lambda r: common.fmt_mib(r["peak_bytes_per_layer"])),
     ("ops/layer", lambda r: common.fmt_count(r["ops_per_layer"])),
@@ -474,14 +503,24 @@ RATIO_COLUMNS = [
 ]
 
 
+# Defaults of every regime, where the device's DEFAULTS do not decide.
+GENERAL_DEFAULTS = dict(bench=",".join(BENCHES), image_size=473, width=384, compile_variants=",".join(COMPILE_VARIANTS),
+                        tag="layers")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benches.layers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench", default=",".join(BENCHES), help="transformer, step (comma-separated)")
+    p.add_argument("--regime", choices=("default", "host"), default="default",
+                   help="host: IPMT's batch at tiny sizes (17 px, C=32, B=4, L=1,5, fp32, one CPU thread), so the "
+                        "time measured is the host's, with torch.compile variants at every L; options given "
+                        "explicitly still win")
+    p.add_argument("--bench", help="transformer, step (comma-separated; default both)")
     p.add_argument("--layers", help="comma-separated layer counts L")
     p.add_argument("--batch", type=int)
     p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=473, help="input side; tokens per map = ((size-1)/8+1)^2")
-    p.add_argument("--width", type=int, default=384, help="hidden width C (reduce_dim)")
+    p.add_argument("--image-size", type=int, help="input side; tokens per map = ((size-1)/8+1)^2 (default 473)")
+    p.add_argument("--width", type=int, help="hidden width C (reduce_dim; default 384)")
+    p.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     p.add_argument("--backbone", type=int, default=50, choices=(50, 101), help="ResNet depth (step bench)")
     p.add_argument("--dtypes", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--backends", help="comma-separated variants <backend>[+recompute][+graphs]: +recompute "
@@ -493,8 +532,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int)
     p.add_argument("--compile-layers", help="layer counts at which to add the --compile-variants "
                                             "(transformer bench; compile time is long)")
-    p.add_argument("--compile-variants", default=",".join(COMPILE_VARIANTS),
-                   help="torch.compile variants compile(<backend>[,<mode>]) (default: %(default)s)")
+    p.add_argument("--compile-variants",
+                   help=f"torch.compile variants compile(<backend>[,<mode>]) (default: {','.join(COMPILE_VARIANTS)})")
     p.add_argument("--quiet-wait", type=float,
                    help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
                         "and retake samples they disturbed (0 = off; default 30 on CPU, 0 on CUDA)")
@@ -503,9 +542,18 @@ def parse_args(argv=None):
     p.add_argument("--saved-breakdown", type=int, default=0, metavar="K",
                    help="print the K largest saving sites (source line, shape) of each variant's saved tensors")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
-    p.add_argument("--tag", default="layers", help="file name stem of the outputs")
+    p.add_argument("--tag", help="file name stem of the outputs (default layers, layers-host for --regime host)")
     p.add_argument("--no-plot", action="store_true")
-    args, device = common.parse_with_device_defaults(p, argv, DEFAULTS)
+    args = p.parse_args(argv)
+    regime = dict(GENERAL_DEFAULTS)
+    if args.regime == "host":
+        device_type = common.resolve_device(args.device).type
+        regime.update(HOST_REGIME, compile_layers=HOST_REGIME["layers"],
+                      compile_variants=HOST_COMPILE_VARIANTS[device_type])
+    for key, value in regime.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args, device = common.parse_with_device_defaults(p, argv, DEFAULTS, parsed=args)
     if (args.image_size - 1) % OUTPUT_STRIDE:
         p.error(f"--image-size must satisfy (size - 1) % {OUTPUT_STRIDE} == 0 (e.g. 473, 233, 97)")
     for variant in parse_compile_list(args.compile_variants):
@@ -516,9 +564,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> List[dict]:
     args, device = parse_args(argv)
+    if args.threads is not None and device.type == "cpu":
+        torch.set_num_threads(args.threads)
     label = common.device_label(device)
     out_dir = common.results_dir(device, args.out)
     meta = common.run_metadata(device, "benches.layers")
+    meta.update(regime=args.regime, threads=torch.get_num_threads())
     print(f"# layers benchmark on {label}: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     backends = candidate_backends(device, common.parse_str_list(args.backends) if args.backends else None)
     if not backends:
