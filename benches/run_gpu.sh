@@ -9,7 +9,8 @@
 #   (b) <= 240 s  B=4, L=5, 473 px, bf16: the transformer (forward + backward) and the whole training
 #                 step, eager and from CUDA graphs (reference, auto, reference+graphs, auto+graphs),
 #                 torch.compile(reference) in the default and the reduce-overhead mode, and the
-#                 benches' host-bound mode (HOST_REGIME_ARGS);
+#                 benches' host-bound mode (--regime host, eager and graphs: the compiled variants
+#                 are the stages above);
 #   (c) the rest, as long as time is left: torch.compile(auto), the other CUDA tests, the transformer
 #       and step over L 1,3,5,8 in bf16 and fp32, max-autotune, the op benches, the whole suite.
 #
@@ -48,10 +49,6 @@ export PYTHONUNBUFFERED=1
 # (c) what is left
 : "${T_COMPILE_AUTO:=60}" "${T_TESTS_CUDA_FIRST:=100}" "${T_SWEEP:=120}" "${T_MAX_AUTOTUNE:=150}"
 : "${T_OPS:=80}" "${T_TESTS_CUDA:=100}" "${T_OPS_COMPILE:=80}" "${T_TESTS_ALL:=120}"
-# The host-bound mode of benches.layers (small inputs, where the host issuing ops sets the pace):
-# its flags go here once benches.layers has it (e.g. HOST_REGIME_ARGS="--regime host"); while this
-# is empty the stage is recorded as SKIPPED.
-: "${HOST_REGIME_ARGS:=}"
 START=$SECONDS
 # Dry run: no time passes, so the latest start of each stage is worked out as if every earlier
 # stage used its whole limit (the worst case).
@@ -128,14 +125,6 @@ stage() {
     pack
 }
 
-# skip GROUP NAME LIMIT REASON COMMAND...: a stage that cannot run here; its time stays unspent.
-skip() {
-    local group=$1 name=$2 nominal=$3 reason=$4; shift 4
-    echo
-    echo "=== [$name] ($group) SKIPPED (limit ${nominal}s): $reason: $(quoted "$@")"
-    record "$name" "$group" "SKIPPED($reason)" 0 "$nominal"
-}
-
 # ------------------------------------------------------------------------------------------- (a)
 # Install offline (editable, no dependencies, no build isolation). If that fails, run from the
 # checkout: PYTHONPATH plus links that make kernels/ and csrc/ importable as ipmt_fast.kernels/.csrc.
@@ -190,13 +179,10 @@ stage b layers-b4-compile "$T_COMPILE" "${LAYERS[@]}" --bench transformer --back
     --compile-layers 5 --compile-variants "compile(reference)" --tag layers-b4-compile
 stage b layers-b4-compile-ro "$T_COMPILE_RO" "${LAYERS[@]}" --bench transformer --backends reference,auto+graphs \
     --compile-layers 5 --compile-variants "compile(reference,reduce-overhead)" --tag layers-b4-compile-ro
-HOST_COMMAND=($PY -m benches.layers $HOST_REGIME_ARGS --bench transformer,step
-              --backends reference,auto,reference+graphs,auto+graphs --out "$RESULTS" --tag layers-host)
-if [ -n "$HOST_REGIME_ARGS" ]; then
-    stage b layers-host "$T_HOST" "${HOST_COMMAND[@]}"
-else
-    skip b layers-host "$T_HOST" "HOST_REGIME_ARGS empty" "${HOST_COMMAND[@]}"
-fi
+# The host-bound mode (IPMT's batch at tiny sizes: host time per layer next to GPU time), eager
+# and graphed; its torch.compile variants would not fit this stage's limit.
+stage b layers-host "$T_HOST" $PY -m benches.layers --regime host --compile-layers "" --bench transformer,step \
+    --backends reference,auto,reference+graphs,auto+graphs --out "$RESULTS" --tag layers-host
 
 # ------------------------------------------------------------------------------------------- (c)
 stage c layers-b4-compile-auto "$T_COMPILE_AUTO" "${LAYERS[@]}" --bench transformer \

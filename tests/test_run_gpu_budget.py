@@ -38,7 +38,7 @@ def _stages(stdout: str):
 def _dry_run():
     env = dict(os.environ, PYTHON=sys.executable)
     for name in list(env):  # the defaults, not whatever this shell set
-        if name in ("BUDGET_S", "RESERVE_S", "HOST_REGIME_ARGS") or name.startswith("T_"):
+        if name in ("BUDGET_S", "RESERVE_S") or name.startswith("T_"):
             del env[name]
     result = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env,
                             timeout=120, cwd="/")
@@ -129,7 +129,7 @@ def test_a_run_writes_every_stage_into_the_results_folder(tmp_path):
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     results, out, calls = tmp_path / "results", tmp_path / "out", tmp_path / "calls"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("T_") and k != "HOST_REGIME_ARGS"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("T_")}
     env.update(FAKE_BUDGET, PYTHON=str(fake), RESULTS_DIR=str(results), OUT=str(out), FAKE_CALLS=str(calls),
                FAKE_SLOW=f"--tag {SLOW_STAGE}")
     run = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120, cwd="/")
@@ -142,8 +142,7 @@ def test_a_run_writes_every_stage_into_the_results_folder(tmp_path):
     slow = planned.index(SLOW_STAGE)
     assert all(verdicts[name] == "ok" for name in planned[:slow]), verdicts
     assert verdicts[SLOW_STAGE] == "TIMEOUT" and int(dict((r[0], r[3]) for r in rows)[SLOW_STAGE]) <= 6
-    assert verdicts["layers-host"] == "SKIPPED(HOST_REGIME_ARGS empty)"
-    assert all(verdicts[name] == "SKIPPED(budget)" for name in planned[slow + 1:] if name != "layers-host")
+    assert all(verdicts[name] == "SKIPPED(budget)" for name in planned[slow + 1:])
 
     ran = planned[:slow + 1]
     assert all((results / "logs" / f"{name}.log").is_file() for name in ran)
