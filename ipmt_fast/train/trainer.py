@@ -103,9 +103,9 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, fast: bool = True
 
     ``fast``: PyTorch's fused implementations, one multi-tensor kernel per optimiser step instead of
     several ops per parameter (the eager AdamW also reads its step counters on the host); 5x less
-    host time than the defaults at IPMT's small shapes on the CPU (NOTES.md). Fused SGD steps
-    bit for bit as the default; fused AdamW in float64 too, and in float32 it rounds a few
-    elements one unit in the last place apart (tests/test_trainer.py). Else PyTorch's default forms.
+    host time than the defaults at IPMT's small shapes on the CPU (NOTES.md). They order their
+    arithmetic differently from the defaults: about an ulp of the weights' scale apart
+    (tests/test_trainer.py). Else PyTorch's default forms.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     others = [p for n, p in named if not n.startswith(TRANSFORMER_PREFIX)]
