@@ -35,6 +35,18 @@ def test_graph_variants_only_on_cuda():
     assert not any(v.endswith(layers.GRAPHS_SUFFIX) for v in defaults)
 
 
+def test_host_regime_sets_its_shapes_and_explicit_options_win():
+    args, _ = layers.parse_args(["--regime", "host", "--device", "cpu"])
+    assert (args.bench, args.layers, args.batch, args.image_size, args.width) == ("transformer,step", "1,5", 4, 17, 32)
+    assert (args.dtypes, args.threads, args.tag, args.backends) == ("fp32", 1, "layers-host", "reference,auto")
+    assert args.compile_layers == "1,5" and args.compile_variants == layers.HOST_COMPILE_VARIANTS["cpu"]
+    args, _ = layers.parse_args(["--regime", "host", "--device", "cpu", "--layers", "2", "--compile-layers", "",
+                                 "--image-size", "33"])
+    assert (args.layers, args.compile_layers, args.image_size, args.batch) == ("2", "", 33, 4)
+    args, _ = layers.parse_args(["--device", "cpu"])
+    assert (args.image_size, args.width, args.tag, args.threads) == (473, 384, "layers", None)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("layers")
@@ -51,6 +63,7 @@ def test_every_row_counts_its_ops(tiny_run):
     assert {(r["bench"], r["num_layers"]) for r in rows} == {(b, n) for b in ("transformer", "step") for n in (1, 2)}
     for r in rows:
         assert isinstance(r["host_syncs"], int) and r["host_syncs"] >= 0, r
+        assert 0 < r["host_median_ms"], r  # the issuing thread's CPU time
         if r["variant"].endswith(layers.GRAPHS_SUFFIX):  # a replay issues a handful of ops, not the model's
             assert r["ops"] < 50 and r["peak_is_graph_pool"], r
         else:
@@ -62,9 +75,10 @@ def test_every_row_counts_its_ops(tiny_run):
             assert by_key[(bench, 2, variant)]["ops"] > by_key[(bench, 1, variant)]["ops"]
     slopes = {(s["bench"], s["variant"]): s for s in run["per_layer"]}
     for (bench, variant), s in slopes.items():
+        two, one = by_key[(bench, 2, variant)], by_key[(bench, 1, variant)]
+        assert s["host_ms_per_layer"] == pytest.approx(two["host_median_ms"] - one["host_median_ms"])
         if not variant.endswith(layers.GRAPHS_SUFFIX):
-            expected = by_key[(bench, 2, variant)]["ops"] - by_key[(bench, 1, variant)]["ops"]
-            assert s["ops_per_layer"] == pytest.approx(expected)
+            assert s["ops_per_layer"] == pytest.approx(two["ops"] - one["ops"])
     ratios = [r for r in run["ratios"] if r["backend"] == "auto"]
     assert ratios and all(r["ops_ratio"] > 0 for r in ratios)
 
