@@ -4,14 +4,23 @@ The layout is PFENet's ``resnet50_v2`` / ``resnet101_v2``: a three-conv stem (3-
 torchvision v1.5 bottlenecks (stride on the 3x3 conv), and layer3 / layer4 dilated by 2 / 4
 instead of strided. Every parameter is frozen. Module names follow the published checkpoints
 (``backbone.body.layer1.0.conv1.weight`` ...).
+
+Every frozen batch norm follows a convolution. Literally (the ``reference`` backend) it is a
+multiply and an add over the conv's output map; folded (every other backend,
+:meth:`Backbone.set_folded`) the pair is one convolution with bias whose weights PyTorch's
+``fuse_conv_bn_weights`` derives from the conv's and the norm's: two passes over each feature map
+fewer, the same function up to rounding. The folded weights are derived, never stored: the state
+dict is the same either way.
 """
 from __future__ import annotations
 
 import os
-from typing import Union
+import weakref
+from typing import Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 BN_EPS = 1e-5
 STEM_WIDTH = 128
@@ -20,7 +29,13 @@ EXPANSION = 4
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine parameters (all buffers, no gradients)."""
+    """Batch norm with fixed statistics and affine parameters (all buffers, no gradients).
+
+    ``after(conv, x)`` is ``self(conv(x))``, computed literally or, with ``fold`` set, as one
+    convolution with the norm folded into its weight and bias (:meth:`folded_into`)."""
+
+    fold = False  # set per instance by Backbone.set_folded
+    _folded = None  # the cache of folded_into: (source refs, source states, weight, bias)
 
     def __init__(self, channels: int):
         super().__init__()
@@ -28,6 +43,46 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+
+    def __getstate__(self):
+        # deepcopy and pickling leave the cache behind (it holds weak references).
+        return {**self.__dict__, "_folded": None}
+
+    def after(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv`` then this norm on ``x``: literally, or folded into one conv when ``fold``."""
+        if not self.fold:
+            return self(conv(x))
+        return conv._conv_forward(x, *self.folded_into(conv))
+
+    def folded_into(self, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` of the one convolution equal to ``conv`` (no bias) then this norm,
+        from PyTorch's ``fuse_conv_bn_weights``.
+
+        Eagerly they are cached and reused while ``conv.weight`` and the four buffers are the same
+        tensors (same objects, storage, dtype, device) at the same version, so in-place changes,
+        ``load_state_dict`` and ``.to()`` are followed (changes made through ``.data`` bypass the
+        version counter and are not). While a CUDA graph captures they are computed anew without
+        caching, so a replay follows the weights; while torch.compile traces, by
+        :func:`fold_traceable` (the routine's constructor of ``nn.Parameter`` breaks the graph).
+        Weights only, cheap either way; no host-side check enters a graph."""
+        sources = (conv.weight, self.weight, self.bias, self.running_mean, self.running_var)
+        if torch.compiler.is_compiling():
+            return fold_traceable(*sources, BN_EPS)
+        if (conv.weight.is_cuda and torch.cuda.is_current_stream_capturing()) or any(t.is_inference() for t in sources):
+            return self._fold(conv)
+        states = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
+        cached = self._folded
+        if cached is not None and cached[1] == states and all(r() is t for r, t in zip(cached[0], sources)):
+            return cached[2], cached[3]
+        weight, bias = self._fold(conv)
+        self._folded = (tuple(weakref.ref(t) for t in sources), states, weight, bias)
+        return weight, bias
+
+    def _fold(self, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            weight, bias = fuse_conv_bn_weights(conv.weight, None, self.running_mean, self.running_var, BN_EPS,
+                                                self.weight, self.bias)
+        return weight.detach(), bias.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of ordinary BatchNorm2d carry a counter this module has no use for.
@@ -38,6 +93,17 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * (self.running_var + BN_EPS).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def fold_traceable(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
+    """``fuse_conv_bn_weights(conv_weight, None, ...)``'s arithmetic, operation for operation (the
+    same bits; tests/test_backbone_fold.py checks), without its ``nn.Parameter`` results, which
+    torch.compile cannot create inside a graph."""
+    with torch.no_grad():
+        rsqrt = torch.rsqrt(running_var + eps)
+        weight = conv_weight * (bn_weight * rsqrt).reshape(-1, 1, 1, 1)
+        bias = (torch.zeros_like(running_mean) - running_mean) * rsqrt * bn_weight + bn_bias
+    return weight, bias
 
 
 def _conv3x3(cin, cout, stride=1, dilation=1):
@@ -59,10 +125,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        identity = x if self.downsample is None else self.downsample[1].after(self.downsample[0], x)
+        out = self.relu(self.bn1.after(self.conv1, x))
+        out = self.relu(self.bn2.after(self.conv2, out))
+        return self.relu(self.bn3.after(self.conv3, out) + identity)
 
 
 class DeepStemResNet(nn.Module):
@@ -108,9 +174,9 @@ class DeepStemResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.maxpool(self.relu3(self.bn3(self.conv3(x))))
+        x = self.relu1(self.bn1.after(self.conv1, x))
+        x = self.relu2(self.bn2.after(self.conv2, x))
+        x = self.maxpool(self.relu3(self.bn3.after(self.conv3, x)))
         layer2 = self.layer2(self.layer1(x))
         layer3 = self.layer3(layer2)
         return layer2, layer3, self.layer4(layer3)
@@ -125,6 +191,20 @@ class Backbone(nn.Module):
         if weights is not None:
             load_backbone_weights(self.body, weights)
         self.body.requires_grad_(False)
+
+    @property
+    def folded(self) -> bool:
+        return any(m.fold for m in self.modules() if isinstance(m, FrozenBatchNorm2d))
+
+    def set_folded(self, folded: bool) -> "Backbone":
+        """Run every conv + frozen batch norm as one folded convolution (True) or literally, conv
+        then the norm's multiply and add (False: the published form). Same weights, same state
+        dict. Returns ``self``."""
+        for m in self.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.fold = bool(folded)
+                m._folded = None
+        return self
 
     def forward(self, x):
         return self.body(x)

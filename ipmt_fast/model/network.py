@@ -52,8 +52,9 @@ class IPMT(nn.Module):
         reduce_dim: hidden width C.
         num_layers: transformer layers L (>= 1).
         backend: op backend for the hot paths: ``auto`` (default), ``reference``, ``torch``,
-            ``triton`` or ``compiled`` (see ``ipmt_fast.ops.registry``). Switch later with
-            :meth:`set_backend`; the weights and the result do not change.
+            ``triton`` or ``compiled`` (see ``ipmt_fast.ops.registry``); every backend but
+            ``reference`` also runs the backbone with its batch norms folded into the convolutions.
+            Switch later with :meth:`set_backend`; the weights and the result do not change.
         backbone_weights: path (or state dict) of PFENet's deep-stem ImageNet ResNet
             (``resnet50_v2.pth``); random initialisation when None.
         recompute_ffn: in training, keep only the transformer FFNs' dropout masks (bools) for
@@ -94,14 +95,18 @@ class IPMT(nn.Module):
         self.ini_cls = _classifier(c)
         self.cls = _classifier(c)
         self.backbone = Backbone(layers, backbone_weights)
+        self.set_backend(backend)
 
     @property
     def backend(self) -> str:
         return self.transformer.backend
 
     def set_backend(self, backend: str) -> "IPMT":
-        """Route every op through ``backend`` (same weights, same math). Returns ``self``."""
+        """Route every op through ``backend`` (same weights, same math): the transformer's ops, and
+        the backbone literal (``reference``, the published conv then batch norm) or with each
+        batch norm folded into its conv (any other). Returns ``self``."""
         self.transformer.set_backend(backend)
+        self.backbone.set_folded(backend != "reference")
         return self
 
     def set_recompute_ffn(self, recompute: bool) -> "IPMT":

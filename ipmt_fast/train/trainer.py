@@ -127,7 +127,8 @@ def calibrate_frozen_batchnorm(backbone: torch.nn.Module, images: torch.Tensor) 
     (layer4 ~10x a trained network's), which makes the published learning rates diverge. Here
     every frozen batch norm takes, in forward order, the per-channel mean and variance of its
     input on ``images`` (affine left at identity), as batch norm in training mode would. Only
-    buffers change; the backbone stays frozen.
+    buffers change; the backbone stays frozen. The norms run literally meanwhile (a norm folded
+    into its conv is never called, so its hook would not see its input).
     """
     from ..model.backbone import FrozenBatchNorm2d
 
@@ -136,12 +137,18 @@ def calibrate_frozen_batchnorm(backbone: torch.nn.Module, images: torch.Tensor) 
         module.running_mean.copy_(x.mean((0, 2, 3)))
         module.running_var.copy_(x.var((0, 2, 3), unbiased=False))
 
-    hooks = [m.register_forward_pre_hook(measure) for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    norms = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    folds = [m.fold for m in norms]
+    hooks = [m.register_forward_pre_hook(measure) for m in norms]
     try:
+        for m in norms:
+            m.fold = False
         backbone(images)
     finally:
         for hook in hooks:
             hook.remove()
+        for m, fold in zip(norms, folds):
+            m.fold = fold
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
