@@ -617,11 +617,10 @@ def main(argv=None) -> List[dict]:
     print(common.format_table(slopes, SLOPE_COLUMNS))
     print("\n# fused / reference ratios (ref/fused: higher is faster; memory fused/ref: lower is better)")
     print(common.format_table(ratios, RATIO_COLUMNS))
-    if not args.no_plot:
-        from . import plot
-        plot.plot_layers(rows, out_dir / f"{args.tag}.png", title=f"{label}  B={args.batch} S={args.shot} "
-                                                                   f"{args.image_size}px")
-    print(f"# wrote {out_dir}/{args.tag}.csv, .json" + ("" if args.no_plot else ", .png"))
+    title = f"{label}  B={args.batch} S={args.shot} {args.image_size}px"
+    plotted = not args.no_plot and common.write_plot(
+        lambda plot: plot.plot_layers(rows, out_dir / f"{args.tag}.png", title=title))
+    print(f"# wrote {out_dir}/{args.tag}.csv, .json" + (", .png" if plotted else ""))
     return rows
 
 

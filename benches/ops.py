@@ -464,10 +464,9 @@ def main(argv=None) -> List[dict]:
     summary = save(rows)
     print("\n# fused / reference ratios (time: higher is better; saved bytes: lower is better)")
     print(common.format_table(summary, SUMMARY_COLUMNS))
-    if not args.no_plot:
-        from . import plot
-        plot.plot_ops(rows, out_dir / f"{args.tag}.png", title=label)
-    print(f"# wrote {out_dir}/{args.tag}.csv, .json" + ("" if args.no_plot else ", .png"))
+    plotted = not args.no_plot and common.write_plot(
+        lambda plot: plot.plot_ops(rows, out_dir / f"{args.tag}.png", title=label))
+    print(f"# wrote {out_dir}/{args.tag}.csv, .json" + (", .png" if plotted else ""))
     return rows
 
 
