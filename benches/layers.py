@@ -73,8 +73,12 @@ DEFAULTS = {
 # --regime host: IPMT's batch (4 episodes) at sizes where every kernel is nearly free, so a call's
 # time is the host's (Python, autograd, dispatcher, launches): what paces a GPU at IPMT's batch
 # sizes. One thread on the CPU. Eager and torch.compile side by side, per layer (slope over L).
+# A sample is many back-to-back calls there (at least HOST_SAMPLE_MS): single calls of a few ms,
+# each after the quiet gate's wait, measured cold caches (IQR 25-56% against 2-14% warm).
+HOST_SAMPLE_MS = 200.0
 HOST_REGIME = dict(bench="transformer,step", layers="1,5", batch=4, image_size=17, width=32, dtypes="fp32",
-                   threads=1, warmup=3, repeats=15, tag="layers-host", backends="reference,auto")
+                   threads=1, warmup=3, repeats=15, tag="layers-host", backends="reference,auto",
+                   min_sample_ms=HOST_SAMPLE_MS)
 HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto)",
                          "cuda": "compile(reference),compile(reference,reduce-overhead),compile(auto)"}
 
@@ -376,7 +380,8 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
                       device: torch.device, log=print) -> List[dict]:
     variants = build_variants(bench, backends, compile_variants, dtype_name)
     failures: Dict[str, str] = {}
-    stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats, min_sample_s=0,
+    stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats,
+                                       min_sample_s=args.min_sample_ms / 1e3,
                                        failures=failures, log=log, quiet_wait_s=args.quiet_wait)
     base = dict(bench=bench.name, num_layers=bench.num_layers, dtype=dtype_name, batch=args.batch, shot=args.shot,
                 image_size=args.image_size, tokens=bench.tokens, width=args.width)
@@ -505,7 +510,7 @@ RATIO_COLUMNS = [
 
 # Defaults of every regime, where the device's DEFAULTS do not decide.
 GENERAL_DEFAULTS = dict(bench=",".join(BENCHES), image_size=473, width=384, compile_variants=",".join(COMPILE_VARIANTS),
-                        tag="layers")
+                        tag="layers", min_sample_ms=0.0)
 
 
 def parse_args(argv=None):
@@ -530,6 +535,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
+    p.add_argument("--min-sample-ms", type=float,
+                   help="time back-to-back calls for at least this long per sample (default 0: one call; "
+                        f"{HOST_SAMPLE_MS:g} in the host regime)")
     p.add_argument("--compile-layers", help="layer counts at which to add the --compile-variants "
                                             "(transformer bench; compile time is long)")
     p.add_argument("--compile-variants",

@@ -181,7 +181,7 @@ stage b layers-b4-compile-ro "$T_COMPILE_RO" "${LAYERS[@]}" --bench transformer 
     --compile-layers 5 --compile-variants "compile(reference,reduce-overhead)" --tag layers-b4-compile-ro
 # The host-bound mode (IPMT's batch at tiny sizes: host time per layer next to GPU time), eager
 # and graphed; its torch.compile variants would not fit this stage's limit.
-stage b layers-host "$T_HOST" $PY -m benches.layers --regime host --compile-layers "" --bench transformer,step \
+stage b layers-host "$T_HOST" $PY -m benches.layers --regime host --compile-layers "" --repeats 5 --bench transformer,step \
     --backends reference,auto,reference+graphs,auto+graphs --out "$RESULTS" --tag layers-host
 
 # ------------------------------------------------------------------------------------------- (c)
