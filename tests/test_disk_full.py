@@ -1,11 +1,13 @@
-"""A disk that fills up while a checkpoint or the metrics file is written: a one-line error naming
-the file and the reason, the temporary file removed, the file from before intact, exit code 2.
+"""A disk that fills up while a checkpoint, the metrics file or a log row is written: a one-line
+error naming the file and the reason, the temporary file (or the partial row) removed, the file
+from before intact, exit code 2.
 
 In CI the disk is simulated: the trainer's ``open`` hands out files that take only so many bytes
 and then raise ``OSError(ENOSPC)``, as the kernel does, so torch.save fails the way it fails on a
 full disk (its own RuntimeError, raised while handling the OSError). A real full tmpfs is tried by
 ``test_real_full_tmpfs`` (root only, when ``IPMT_TEST_TMPFS=1``; NOTES.md has its run)."""
 import builtins
+import csv
 import errno
 import json
 import os
@@ -18,7 +20,7 @@ import torch
 from cli_runner import run_cli
 
 from ipmt_fast.train import trainer
-from ipmt_fast.train.trainer import SaveError, save_atomic, write_json_atomic
+from ipmt_fast.train.trainer import SaveError, append_csv_row, save_atomic, write_json_atomic
 
 TINY = ["--data", "synthetic", "--image-size", "33", "--reduce-dim", "32", "--num-layers", "1", "--batch-size", "2",
         "--workers", "0", "--backend", "torch", "--no-progress", "--no-eval"]
@@ -107,6 +109,29 @@ def test_without_a_file_from_before_and_other_failures(tmp_path, nearly_full_dis
     with pytest.raises(TypeError):
         write_json_atomic({"not json": object()}, str(tmp_path / "metrics.json"))
     assert os.listdir(tmp_path) == []
+
+
+def test_log_row_on_a_full_disk(tmp_path, nearly_full_disk):
+    """A CSV log gets whole rows or none: a row cut short by a full disk is taken back."""
+    path = str(tmp_path / "train_log.csv")
+    fields = ["iteration", "loss"]
+    append_csv_row(path, fields, {"iteration": 1, "loss": 0.5})
+    append_csv_row(path, fields, {"iteration": 2, "loss": 0.25})
+    with open(path, newline="") as f:
+        before = f.read()
+    assert list(csv.DictReader(before.splitlines())) == [{"iteration": "1", "loss": "0.5"},
+                                                         {"iteration": "2", "loss": "0.25"}]
+    nearly_full_disk.free = 3  # part of the next row fits
+    with pytest.raises(SaveError) as caught:
+        append_csv_row(path, fields, {"iteration": 3, "loss": 0.125})
+    assert str(caught.value) == _expected("log", path)
+    with open(path, newline="") as f:
+        assert f.read() == before
+    nearly_full_disk.free = 0
+    fresh = str(tmp_path / "val_log.csv")
+    with pytest.raises(SaveError, match=r"^cannot write log \S+val_log.csv: no space left on device$"):
+        append_csv_row(fresh, fields, {"iteration": 1, "loss": 0.5})
+    assert sorted(os.listdir(tmp_path)) == ["train_log.csv"]
 
 
 def test_training_into_a_full_disk_ends_in_one_line(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ RNG state so it never changes training.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -232,14 +233,42 @@ def _write_atomic(path: str, what: str, mode: str, write, **open_args) -> None:
             os.remove(tmp)
         except FileNotFoundError:
             pass
-        cause = _os_error_behind(error)
-        if cause is None:
-            raise
-        reason = os.strerror(cause.errno)
-        reason = reason[:1].lower() + reason[1:]
-        if os.path.exists(path):
-            reason += f" ({path} from before is unchanged)"
-        raise SaveError(what, path, reason) from error
+        _raise_save_error(error, what, path, os.path.exists(path))
+
+
+def _raise_save_error(error: BaseException, what: str, path: str, existed: bool) -> None:
+    """Raise ``error`` as a :class:`SaveError` if a failed write (an OSError) is behind it, else as it was."""
+    cause = _os_error_behind(error)
+    if cause is None:
+        raise error
+    reason = os.strerror(cause.errno)
+    reason = reason[:1].lower() + reason[1:]
+    if existed:
+        reason += f" ({path} from before is unchanged)"
+    raise SaveError(what, path, reason) from error
+
+
+def append_csv_row(path: str, fields, row: dict) -> None:
+    """Append ``row`` to the CSV file at ``path`` (with the header when the file is new): the whole
+    line or nothing. A failed write (disk full, ...) leaves the file as it was (cut back to its
+    size before, removed if it was new) and becomes a :class:`SaveError`."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    existed = os.path.exists(path)
+    if not existed:
+        writer.writeheader()
+    writer.writerow(row)
+    size = os.path.getsize(path) if existed else 0
+    try:
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            f.write(text.getvalue())
+            f.flush()
+    except BaseException as error:
+        if existed:
+            os.truncate(path, size)
+        elif os.path.exists(path):
+            os.remove(path)
+        _raise_save_error(error, "log", path, existed)
 
 
 def save_atomic(obj, path: str) -> None:
@@ -512,13 +541,7 @@ class Trainer:
         tqdm.write(message)
 
     def _append_csv(self, name: str, fields, row: dict) -> None:
-        path = os.path.join(self.cfg.out, name)
-        new = not os.path.exists(path)
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_row(os.path.join(self.cfg.out, name), fields, row)
 
     def _scalar(self, values: Dict[str, float]) -> None:
         if not self.cfg.tensorboard:
