@@ -50,20 +50,6 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, 
 # ----------------------------------------------------------------------------------------------
 # Devices
 # ----------------------------------------------------------------------------------------------
-def write_plot(draw: Callable[[object], None]) -> bool:
-    """``draw(benches.plot)`` if matplotlib is installed; else say so (the results are written
-    without their PNG). Returns whether it drew."""
-    try:
-        from . import plot
-    except ModuleNotFoundError as error:
-        if error.name != "matplotlib":
-            raise
-        print("# no plot: matplotlib is not installed (pip install -e \".[bench]\")", flush=True)
-        return False
-    draw(plot)
-    return True
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
     if name == "auto":
@@ -612,3 +598,17 @@ def parse_int_list(text: str) -> List[int]:
 
 def parse_str_list(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def write_plot(draw: Callable[[object], None]) -> bool:
+    """``draw(benches.plot)`` if matplotlib is installed; else say so (the results are written
+    without their PNG). Returns whether it drew."""
+    try:
+        from . import plot
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib":
+            raise
+        print("# no plot: matplotlib is not installed (pip install -e \".[bench]\")", flush=True)
+        return False
+    draw(plot)
+    return True
