@@ -58,7 +58,8 @@ Tensor draw_keep(const Tensor& like, at::IntArrayRef shape, double p, bool train
 // A multiplier of `shape` in `dtype` (0 or 1 / (1 - p)), or an empty tensor when nothing is dropped.
 Tensor draw_multiplier(const Tensor& like, at::IntArrayRef shape, at::ScalarType dtype, double p, bool train) {
   if (!train || p == 0.0) return nothing(like, dtype);
-  return at::empty(shape, like.options().dtype(dtype)).bernoulli_(1.0 - p).mul_(keep_scale(p));
+  Tensor multiplier = at::empty(shape, like.options().dtype(dtype)).bernoulli_(1.0 - p);
+  return mul_scalar_(multiplier, keep_scale(p));
 }
 
 // x * keep * scale, the same values as the Python `x * keep * scale`, or x without a mask. On the
