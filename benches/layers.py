@@ -14,7 +14,10 @@ and can run on the device (the others are skipped with the reason), and ``auto``
 turns on ``recompute_ffn``; ``+graphs`` (CUDA only) captures the whole timed call in a CUDA graph
 and replays it (transformer: forward + backward; step: ``ipmt_fast.train.GraphedStep``).
 ``--compile-layers`` adds ``torch.compile`` variants at those layer counts (transformer bench only):
-``compile(<backend>[,<mode>])`` compiles a copy of the transformer configured as ``<backend>``.
+``compile(<backend>[,<setting>])`` compiles a copy of the transformer configured as ``<backend>``;
+``<setting>`` is a ``torch.compile`` mode (``reduce-overhead``, ``max-autotune``, ...) or the name of
+a boolean Inductor option to turn on (``cpp_wrapper``: the generated code calls kernels and ops
+from C++ instead of Python).
 
 dtype ``fp32`` runs plain float32; ``bf16`` runs the forward under ``torch.autocast`` with bfloat16
 (the backward outside it, as recommended). Inputs are random features / images with
@@ -38,6 +41,9 @@ import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch._dynamo
+import torch._inductor
+import torch._inductor.config as inductor_config
 
 import ipmt_fast
 from ipmt_fast.constants import FOREGROUND_LABEL, IGNORE_LABEL, OUTPUT_STRIDE
@@ -50,11 +56,12 @@ from ipmt_fast.train.trainer import build_optimizers
 from . import common
 
 BENCHES = ("transformer", "step")
-# torch.compile variants: compile(<backend>[,<mode>]), a compiled copy configured as <backend>.
+# torch.compile variants: compile(<backend>[,<setting>]), a compiled copy configured as <backend>,
+# <setting> a torch.compile mode or a boolean Inductor option turned on (compile_settings).
 COMPILE_VARIANT = "compile(reference)"
 MAX_AUTOTUNE_VARIANT = "compile(reference,max-autotune)"
 COMPILE_VARIANTS = (COMPILE_VARIANT, MAX_AUTOTUNE_VARIANT, "compile(auto)")
-COMPILE_PATTERN = re.compile(r"^compile\((?P<backend>[\w+]+)(?:,(?P<mode>[\w-]+))?\)$")
+COMPILE_PATTERN = re.compile(r"^compile\((?P<backend>[\w+]+)(?:,(?P<setting>[\w-]+))?\)$")
 # Fraction of the query label's rows at the bottom set to 255 (padding), as after a resize + pad.
 PADDED_ROW_FRACTION = 0.125
 SEED = 0
@@ -79,7 +86,8 @@ HOST_SAMPLE_MS = 200.0
 HOST_REGIME = dict(bench="transformer,step", layers="1,5", batch=4, image_size=17, width=32, dtypes="fp32",
                    threads=1, warmup=3, repeats=15, tag="layers-host", backends="reference,auto",
                    min_sample_ms=HOST_SAMPLE_MS)
-HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto)",
+HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto),compile(reference,cpp_wrapper),"
+                                "compile(auto,cpp_wrapper)",
                          "cuda": "compile(reference),compile(reference,reduce-overhead),compile(auto)"}
 
 
@@ -102,9 +110,23 @@ def split_variant(variant: str) -> Tuple[str, bool, bool]:
 
 
 def parse_compile_variant(variant: str) -> Optional[Tuple[str, Optional[str]]]:
-    """``(backend, mode)`` of ``compile(<backend>[,<mode>])``; None for other variants."""
+    """``(backend, setting)`` of ``compile(<backend>[,<setting>])``; None for other variants."""
     match = COMPILE_PATTERN.match(variant)
-    return (match["backend"], match["mode"]) if match else None
+    return (match["backend"], match["setting"]) if match else None
+
+
+def compile_settings(setting: Optional[str]) -> dict:
+    """``torch.compile`` keyword arguments for a variant's ``<setting>``: ``mode=`` for one of
+    torch.compile's modes, ``options={setting: True}`` for a boolean Inductor option (torch.compile
+    takes one or the other). Raises ValueError naming the setting otherwise."""
+    if setting is None:
+        return {}
+    if setting in torch._inductor.list_mode_options():
+        return {"mode": setting}
+    if isinstance(inductor_config.get_config_copy().get(setting), bool):
+        return {"options": {setting: True}}
+    raise ValueError(f"compile setting {setting!r} is neither a torch.compile mode "
+                     f"({', '.join(torch._inductor.list_mode_options())}) nor a boolean Inductor option")
 
 
 def parse_compile_list(text: str) -> List[str]:
@@ -268,12 +290,13 @@ class TransformerBench:
         """Forward + backward captured in a CUDA graph (same inputs and output gradients)."""
         return CapturedRun(self.runner(variant, dtype_name, cache_enabled=False))
 
-    def compiled(self, backend: str, mode: Optional[str]) -> torch.nn.Module:
+    def compiled(self, backend: str, setting: Optional[str]) -> torch.nn.Module:
         """``torch.compile`` of a copy of the transformer configured as ``backend``, as one graph
-        (``fullgraph``: the transformer has no graph break, tests/test_compile.py)."""
+        (``fullgraph``: the transformer has no graph break, tests/test_compile.py), with the
+        variant's ``setting`` (``compile_settings``)."""
         clone = copy.deepcopy(self.model)
         configure(clone, backend)
-        return torch.compile(clone, mode=mode, fullgraph=True)
+        return torch.compile(clone, fullgraph=True, **compile_settings(setting))
 
 
 class StepBench:
@@ -364,8 +387,8 @@ def build_variants(bench, backends: List[str], compile_variants: List[str], dtyp
         graphed = split_variant(variant)[2]
         variants[variant] = bench.graphed_runner(variant, dtype_name) if graphed else bench.runner(variant, dtype_name)
     for variant in compile_variants:
-        backend, mode = parse_compile_variant(variant)
-        variants[variant] = bench.runner(backend, dtype_name, module=bench.compiled(backend, mode))
+        backend, setting = parse_compile_variant(variant)
+        variants[variant] = bench.runner(backend, dtype_name, module=bench.compiled(backend, setting))
     return variants
 
 
@@ -378,6 +401,12 @@ def host_work(name: str, run: Callable[[], None], device: torch.device) -> dict:
 
 def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_variants: List[str], args,
                       device: torch.device, log=print) -> List[dict]:
+    if compile_variants:
+        # Each compiled variant is its own module instance, so Dynamo compiles the transformer's code
+        # once per variant; within a run they would pass its per-code recompile limit (8). The
+        # variants of earlier configurations are not called again: their compiled code is dropped.
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(compile_variants))
     variants = build_variants(bench, backends, compile_variants, dtype_name)
     failures: Dict[str, str] = {}
     stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats,
@@ -443,13 +472,22 @@ def per_layer_rows(rows: List[dict]) -> List[dict]:
     return out
 
 
+def compiled_reference_for(variant: str) -> str:
+    """What ``variant`` is compared with under torch.compile: ``compile(reference)`` with the same
+    setting for a compiled variant, plain ``compile(reference)`` for an eager one."""
+    parsed = parse_compile_variant(variant)
+    setting = parsed[1] if parsed else None
+    return f"compile(reference,{setting})" if setting else COMPILE_VARIANT
+
+
 def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
     """Every non-reference variant against the reference of the same configuration."""
     refs = {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
             if r["variant"] == "reference" and r.get("median_ms") is not None}
-    compiled = {name: {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
-                       if r["variant"] == name and r.get("median_ms") is not None}
-                for name in (COMPILE_VARIANT, MAX_AUTOTUNE_VARIANT)}
+    compiled = {r["variant"]: {} for r in rows if parse_compile_variant(r["variant"])}
+    for r in rows:
+        if r["variant"] in compiled and r.get("median_ms") is not None:
+            compiled[r["variant"]][(r["bench"], r["dtype"], r["num_layers"])] = r
     out = []
     for r in rows:
         key = (r["bench"], r["dtype"], r["num_layers"])
@@ -460,8 +498,9 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
                    shape=f"B{r['batch']} S{r['shot']} {r['image_size']}px L{r['num_layers']}", backend=r["variant"],
                    ms=r["median_ms"], ref_ms=ref["median_ms"], speedup=ref["median_ms"] / r["median_ms"],
                    speedup_of_minima=ref["min_ms"] / r["min_ms"])
-        for field, name in (("vs_compile", COMPILE_VARIANT), ("vs_compile_max_autotune", MAX_AUTOTUNE_VARIANT)):
-            if key in compiled[name] and r["variant"] != name:
+        for field, name in (("vs_compile", compiled_reference_for(r["variant"])),
+                            ("vs_compile_max_autotune", MAX_AUTOTUNE_VARIANT)):
+            if key in compiled.get(name, {}) and r["variant"] != name:
                 row[field] = compiled[name][key]["median_ms"] / r["median_ms"]
         for field in ("saved_bytes", "peak_bytes", "rss_rise_bytes", "ops", "cuda_kernels"):
             if r.get(field) is not None and ref.get(field):
@@ -500,7 +539,7 @@ RATIO_COLUMNS = [
     ("ms", lambda r: common.fmt_ms(r["ms"])), ("ref ms", lambda r: common.fmt_ms(r["ref_ms"])),
     ("ref/fused", lambda r: common.fmt_ratio(r["speedup"])),
     ("(of minima)", lambda r: common.fmt_ratio(r["speedup_of_minima"])),
-    ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),
+    ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),  # same setting (compiled_reference_for)
     ("max-autotune/fused", lambda r: common.fmt_ratio(r.get("vs_compile_max_autotune"))),
     ("ops fused/ref", lambda r: common.fmt_fraction(r.get("ops_ratio"))),
     ("saved fused/ref", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
@@ -541,7 +580,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-layers", help="layer counts at which to add the --compile-variants "
                                             "(transformer bench; compile time is long)")
     p.add_argument("--compile-variants",
-                   help=f"torch.compile variants compile(<backend>[,<mode>]) (default: {','.join(COMPILE_VARIANTS)})")
+                   help="torch.compile variants compile(<backend>[,<setting>]), <setting> a torch.compile mode or a "
+                        f"boolean Inductor option to turn on (default: {','.join(COMPILE_VARIANTS)})")
     p.add_argument("--quiet-wait", type=float,
                    help="CPU: wait up to this many seconds before each sample for other processes to go quiet, "
                         "and retake samples they disturbed (0 = off; default 30 on CPU, 0 on CUDA)")
@@ -565,8 +605,13 @@ def parse_args(argv=None):
     if (args.image_size - 1) % OUTPUT_STRIDE:
         p.error(f"--image-size must satisfy (size - 1) % {OUTPUT_STRIDE} == 0 (e.g. 473, 233, 97)")
     for variant in parse_compile_list(args.compile_variants):
-        if parse_compile_variant(variant) is None:
-            p.error(f"--compile-variants: {variant!r} is not compile(<backend>[,<mode>])")
+        parsed = parse_compile_variant(variant)
+        if parsed is None:
+            p.error(f"--compile-variants: {variant!r} is not compile(<backend>[,<setting>])")
+        try:
+            compile_settings(parsed[1])
+        except ValueError as exc:
+            p.error(f"--compile-variants: {variant!r}: {exc}")
     return args, device
 
 

@@ -26,6 +26,22 @@ def test_variant_names():
         layers.parse_args(["--compile-variants", "compile(reference"])
 
 
+def test_compile_settings_are_modes_or_boolean_inductor_options(capsys):
+    assert layers.compile_settings(None) == {}
+    assert layers.compile_settings("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert layers.compile_settings("cpp_wrapper") == {"options": {"cpp_wrapper": True}}
+    with pytest.raises(ValueError, match="'max_autotune_gemm_backends'.*neither a torch.compile mode"):
+        layers.compile_settings("max_autotune_gemm_backends")  # an Inductor option, but not a boolean
+    with pytest.raises(ValueError, match="'fast'"):
+        layers.compile_settings("fast")
+    with pytest.raises(SystemExit):
+        layers.parse_args(["--compile-variants", "compile(reference,fast)"])
+    assert "compile(reference,fast)" in capsys.readouterr().err
+    assert layers.compiled_reference_for("compile(auto,cpp_wrapper)") == "compile(reference,cpp_wrapper)"
+    assert layers.compiled_reference_for("compile(auto)") == layers.COMPILE_VARIANT
+    assert layers.compiled_reference_for("auto") == layers.COMPILE_VARIANT
+
+
 def test_graph_variants_only_on_cuda():
     logged = []
     chosen = layers.candidate_backends(torch.device("cpu"), ["reference", "auto+graphs"], log=logged.append)
