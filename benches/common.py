@@ -148,6 +148,9 @@ class Stats:
     # Median CPU time of the calling thread per call: the host's cost of issuing the work (on a
     # GPU the rest of the wall time is the device's; on the CPU with one thread it is all of it).
     host_median: Optional[float] = None
+    # The samples in the order they were taken (measure_interleaved: one per round), for
+    # paired_ratio.
+    in_round_order: Tuple[float, ...] = ()
 
     @classmethod
     def of(cls, samples: Sequence[float], calls_per_sample: int, retaken: int = 0, disturbed: int = 0,
@@ -159,12 +162,23 @@ class Stats:
             p25 = p75 = ordered[0]
         host = statistics.median(host_samples) if host_samples else None
         return cls(statistics.median(ordered), p25, p75, ordered[0], ordered[-1], len(ordered), calls_per_sample,
-                   retaken, disturbed, host)
+                   retaken, disturbed, host, tuple(samples))
 
     @property
     def spread(self) -> float:
         """Interquartile range relative to the median."""
         return (self.p75 - self.p25) / self.median if self.median > 0 else float("nan")
+
+
+def paired_ratio(numerator: Stats, denominator: Stats) -> Optional[float]:
+    """Median over rounds of ``numerator``'s sample time over ``denominator``'s from the same round
+    (``measure_interleaved`` takes one sample of each variant per round, close together in time):
+    unlike the ratio of medians it cancels what drifts from round to round (a shared machine's
+    load, its clock). None unless both have a sample in every round."""
+    a, b = numerator.in_round_order, denominator.in_round_order
+    if not a or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> Tuple[float, float]:
@@ -535,7 +549,7 @@ def write_json(payload: dict, path: Path) -> None:
 
 def stats_fields(stats: Stats) -> dict:
     """Stats as milliseconds, for rows."""
-    counts = ("n", "calls_per_sample", "retaken", "disturbed")
+    counts = ("n", "calls_per_sample", "retaken", "disturbed", "in_round_order")
     return {f"{k}_ms": None if v is None else v * 1e3 for k, v in asdict(stats).items() if k not in counts} | {
         "samples": stats.n, "calls_per_sample": stats.calls_per_sample, "retaken_samples": stats.retaken,
         "disturbed_samples": stats.disturbed}

@@ -419,6 +419,10 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
     for name, st in stats.items():
         row = dict(base, variant=name, **common.stats_fields(st))
         row["speedup_vs_reference"] = ref.median / st.median if ref else None
+        row["speedup_paired"] = common.paired_ratio(ref, st) if ref else None
+        compiled_ref = stats.get(compiled_reference_for(name))
+        if compiled_ref is not None and compiled_ref is not st:
+            row["vs_compile_paired"] = common.paired_ratio(compiled_ref, st)
         pool_bytes = getattr(variants[name], "pool_bytes", None)
         if pool_bytes is not None:
             # A replay allocates nothing and saves nothing for backward: its memory is the pool.
@@ -497,7 +501,8 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
         row = dict(machine=device_label, bench=r["bench"], dtype=r["dtype"],
                    shape=f"B{r['batch']} S{r['shot']} {r['image_size']}px L{r['num_layers']}", backend=r["variant"],
                    ms=r["median_ms"], ref_ms=ref["median_ms"], speedup=ref["median_ms"] / r["median_ms"],
-                   speedup_of_minima=ref["min_ms"] / r["min_ms"])
+                   speedup_of_minima=ref["min_ms"] / r["min_ms"], speedup_paired=r.get("speedup_paired"),
+                   vs_compile_paired=r.get("vs_compile_paired"))
         for field, name in (("vs_compile", compiled_reference_for(r["variant"])),
                             ("vs_compile_max_autotune", MAX_AUTOTUNE_VARIANT)):
             if key in compiled.get(name, {}) and r["variant"] != name:
@@ -539,7 +544,9 @@ RATIO_COLUMNS = [
     ("ms", lambda r: common.fmt_ms(r["ms"])), ("ref ms", lambda r: common.fmt_ms(r["ref_ms"])),
     ("ref/fused", lambda r: common.fmt_ratio(r["speedup"])),
     ("(of minima)", lambda r: common.fmt_ratio(r["speedup_of_minima"])),
+    ("(paired)", lambda r: common.fmt_ratio(r.get("speedup_paired"))),  # common.paired_ratio
     ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),  # same setting (compiled_reference_for)
+    ("(paired)", lambda r: common.fmt_ratio(r.get("vs_compile_paired"))),
     ("max-autotune/fused", lambda r: common.fmt_ratio(r.get("vs_compile_max_autotune"))),
     ("ops fused/ref", lambda r: common.fmt_fraction(r.get("ops_ratio"))),
     ("saved fused/ref", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),

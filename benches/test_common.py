@@ -12,6 +12,16 @@ def test_stats_quartiles():
     assert (stats.median, stats.p25, stats.p75, stats.min, stats.max, stats.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
 
 
+def test_paired_ratio_cancels_drift_between_rounds():
+    # The machine slows down 3x over the run; b is always twice as fast as a within a round.
+    a = common.Stats.of([2.0, 4.0, 6.0], calls_per_sample=1)
+    b = common.Stats.of([1.0, 2.0, 3.0], calls_per_sample=1)
+    assert common.paired_ratio(a, b) == 2.0
+    assert common.paired_ratio(common.Stats.of([1.0, 30.0, 1.0], 1), b) == 1.0  # one disturbed round
+    assert common.paired_ratio(a, common.Stats.of([1.0, 2.0], 1)) is None  # not the same rounds
+    assert "in_round_order_ms" not in common.stats_fields(a)
+
+
 def test_saved_bytes_counts_unique_activation_storages():
     weight = torch.randn(64, 64, requires_grad=True)
     x = torch.randn(32, 64, requires_grad=True)
