@@ -549,8 +549,8 @@ def write_json(payload: dict, path: Path) -> None:
 
 def stats_fields(stats: Stats) -> dict:
     """Stats as milliseconds, for rows."""
-    counts = ("n", "calls_per_sample", "retaken", "disturbed", "in_round_order")
-    return {f"{k}_ms": None if v is None else v * 1e3 for k, v in asdict(stats).items() if k not in counts} | {
+    not_durations = ("n", "calls_per_sample", "retaken", "disturbed", "in_round_order")
+    return {f"{k}_ms": None if v is None else v * 1e3 for k, v in asdict(stats).items() if k not in not_durations} | {
         "samples": stats.n, "calls_per_sample": stats.calls_per_sample, "retaken_samples": stats.retaken,
         "disturbed_samples": stats.disturbed}
 

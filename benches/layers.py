@@ -488,10 +488,10 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
     """Every non-reference variant against the reference of the same configuration."""
     refs = {(r["bench"], r["dtype"], r["num_layers"]): r for r in rows
             if r["variant"] == "reference" and r.get("median_ms") is not None}
-    compiled = {r["variant"]: {} for r in rows if parse_compile_variant(r["variant"])}
+    compiled: Dict[str, Dict[tuple, dict]] = {}
     for r in rows:
-        if r["variant"] in compiled and r.get("median_ms") is not None:
-            compiled[r["variant"]][(r["bench"], r["dtype"], r["num_layers"])] = r
+        if parse_compile_variant(r["variant"]) and r.get("median_ms") is not None:
+            compiled.setdefault(r["variant"], {})[(r["bench"], r["dtype"], r["num_layers"])] = r
     out = []
     for r in rows:
         key = (r["bench"], r["dtype"], r["num_layers"])
