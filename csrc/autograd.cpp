@@ -149,7 +149,17 @@ class DerivedFunction : public torch::autograd::Function<DerivedFunction> {
         stack.emplace_back();
       }
     }
-    signature->backward.callBoxed(stack);
+    // Grad mode is on in a backward only under create_graph: the backward ops have no derivative
+    // of their own, and recording them would give a second derivative silently cut short.
+    TORCH_CHECK(!torch::autograd::GradMode::is_enabled(), signature->backward.schema().name(),
+                ": the compiled ops have no double backward (create_graph=True); use a Python backend "
+                "(e.g. backend='reference') to differentiate twice");
+    {
+      // Below autograd, as the forward: the ATen calls inside the backward op skip the autograd
+      // and view-tracking kernels (one dispatcher hop and a view record each, hundreds per layer).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      signature->backward.callBoxed(stack);
+    }
     for (size_t j = 0; j < given.size(); ++j) {
       // needs_input_grad counts the autograd inputs (the given differentiable tensors) only.
       if (ctx->needs_input_grad(j)) result[kLeadingSlots + j] = stack[given[j]].toTensor();

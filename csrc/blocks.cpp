@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "fused_ops.h"
+#include "residual_norm.h"
 
 namespace ipmt {
 namespace {
@@ -116,6 +117,36 @@ NormGrads layer_norm_backward(const Tensor& grad, const Tensor& input, const Ten
   return {grad_input, grad_weight, grad_bias};
 }
 
+// LN(x + Drop(branch)) with the drawn keep mask (x + Drop(branch) without a norm weight): one
+// row loop each way where it applies (residual_norm.h), the ATen composition elsewhere.
+Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& keep, double p,
+                           const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
+                           const Precision& precision) {
+  const Tensor norm_weight = weight.value_or(Tensor()), norm_bias = bias.value_or(Tensor());
+  if (residual_norm_applies(x, branch, keep, norm_weight, norm_bias)) {
+    auto [out, sum, mean, rstd] = residual_norm(x, branch, keep, keep_scale(p), norm_weight, norm_bias, eps);
+    return {out, sum, mean, rstd};
+  }
+  return layer_norm(x + apply_keep(branch, keep, p), weight, bias, eps, precision);
+}
+
+struct ResidualNormGrads {
+  Tensor sum, branch, weight, bias;  // sum: the gradient of x; branch: of the dropped branch
+};
+
+ResidualNormGrads residual_layer_norm_backward(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                               const Tensor& rstd, const Tensor& keep, double p,
+                                               const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  const Tensor norm_weight = weight.value_or(Tensor()), norm_bias = bias.value_or(Tensor());
+  if (residual_norm_applies(grad_out, present(input) ? input : grad_out, keep, norm_weight, norm_bias)) {
+    auto [grad_sum, grad_branch, grad_weight, grad_bias] =
+        residual_norm_backward(grad_out, input, mean, rstd, keep, keep_scale(p), norm_weight, present(norm_bias));
+    return {grad_sum, grad_branch, grad_weight, grad_bias};
+  }
+  const NormGrads norm = layer_norm_backward(grad_out, input, mean, rstd, weight, bias);
+  return {norm.input, apply_keep(norm.input, keep, p), norm.weight, norm.bias};
+}
+
 Tensor as_dtype_of(const Tensor& grad, const Tensor& like) { return cast(grad, like.scalar_type()); }
 
 // The gradient of an optional argument: empty where the argument was None (the autograd layer
@@ -145,8 +176,8 @@ prototype_attention_block(const Tensor& prototype, const Tensor& tokens, const T
       precision.lower(k_weight), precision.lower(v_weight), precision.lower(proj_weight), optional_mask(attn_keep),
       scale, masked_bias);
   const Tensor proj_keep = draw_keep(prototype, out.sizes(), dropout_p, train);
-  const Normed normed = layer_norm(prototype + apply_keep(out, proj_keep, dropout_p), norm_weight, norm_bias,
-                                   norm_eps, precision);
+  const Normed normed =
+      residual_layer_norm(prototype, out, proj_keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
   return {normed.out, attn_keep, proj_keep, query, query_key, attention, pooled, value, normed.input, normed.mean,
           normed.rstd};
 }
@@ -159,14 +190,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> proto
     const Tensor& attention, const Tensor& pooled, const Tensor& value, const Tensor& norm_input,
     const Tensor& norm_mean, const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
-  const NormGrads norm = layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, norm_weight, norm_bias);
-  const Tensor grad_branch = cast(apply_keep(norm.input, proj_keep, dropout_p), value.scalar_type()).contiguous();
+  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, proj_keep,
+                                                              dropout_p, norm_weight, norm_bias);
+  const Tensor grad_branch = cast(norm.branch, value.scalar_type()).contiguous();
   auto [grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj] = masked_prototype_attention_backward(
       grad_branch, precision.lower(prototype), precision.lower(tokens), precision.lower(q_weight),
       precision.lower(k_weight), precision.lower(v_weight), precision.lower(proj_weight), optional_mask(attn_keep),
       scale, query, query_key, attention, pooled, value);
-  // Out of place: without a layer norm, norm.input is the incoming gradient itself.
-  return {as_dtype_of(norm.input, prototype) + grad_prototype,
+  // Out of place: without a layer norm, norm.sum is the incoming gradient itself.
+  return {as_dtype_of(norm.sum, prototype) + grad_prototype,
           as_dtype_of(grad_tokens, tokens),
           as_dtype_of(grad_q, q_weight),
           as_dtype_of(grad_k, k_weight),
@@ -192,8 +224,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_
       feed_forward(precision.lower(x), precision.lower(hidden_weight), precision.lower(output_weight),
                    optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, recompute_hidden);
   const Tensor out_keep = draw_keep(x, out.sizes(), dropout_p, train);
-  const Normed normed = layer_norm(x + apply_keep(out, out_keep, dropout_p), norm_weight, norm_bias, norm_eps,
-                                   precision);
+  const Normed normed = residual_layer_norm(x, out, out_keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
   return {normed.out, hidden_keep, out_keep, hidden, normed.input, normed.mean, normed.rstd};
 }
 
@@ -203,14 +234,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block_backward(
     optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep, const Tensor& hidden,
     const Tensor& norm_input, const Tensor& norm_mean, const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
-  const NormGrads norm = layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, norm_weight, norm_bias);
+  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, out_keep,
+                                                              dropout_p, norm_weight, norm_bias);
   const Tensor lower_x = precision.lower(x);
-  const Tensor grad_branch = cast(apply_keep(norm.input, out_keep, dropout_p), lower_x.scalar_type()).contiguous();
+  const Tensor grad_branch = cast(norm.branch, lower_x.scalar_type()).contiguous();
   auto [grad_x, grad_hidden_weight, grad_output_weight] =
       feed_forward_backward(grad_branch, lower_x, precision.lower(hidden_weight), precision.lower(output_weight),
                             optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
   // Out of place, as in prototype_attention_block_backward.
-  return {as_dtype_of(norm.input, x) + grad_x, as_dtype_of(grad_hidden_weight, hidden_weight),
+  return {as_dtype_of(norm.sum, x) + grad_x, as_dtype_of(grad_hidden_weight, hidden_weight),
           as_dtype_of(grad_output_weight, output_weight), optional_grad(norm.weight, norm_weight, grad_out),
           optional_grad(norm.bias, norm_bias, grad_out)};
 }
@@ -234,7 +266,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                     precision.lower(output_weight), optional_mask(hidden_keep),
                                     present(hidden_keep) ? keep_scale(dropout_p) : 1.0, false);
   const Tensor out_keep = draw_keep(prototype, out.sizes(), dropout_p, train);
-  const Tensor embedding = normed.out + apply_keep(out, out_keep, dropout_p);
+  const Tensor embedding =
+      residual_layer_norm(normed.out, out, out_keep, dropout_p, c10::nullopt, c10::nullopt, 0.0, precision).out;
   const Tensor lower_embedding = precision.lower(embedding);
   auto [logits, next_mask] = prototype_mask_logits(lower_embedding, precision.lower(tokens),
                                                    mask_logit_threshold(lower_embedding.scalar_type()));
@@ -252,8 +285,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backw
       cast(grad_logits, lower_embedding.scalar_type()), lower_embedding, precision.lower(tokens));
   const Tensor grad_embedding = as_dtype_of(grad_lower_embedding, embedding);
   const Tensor lower_normed = precision.lower(normed);
-  const Tensor grad_branch =
-      cast(apply_keep(grad_embedding, out_keep, dropout_p), lower_normed.scalar_type()).contiguous();
+  const Tensor grad_branch = cast(residual_layer_norm_backward(grad_embedding, Tensor(), Tensor(), Tensor(), out_keep,
+                                                              dropout_p, c10::nullopt, c10::nullopt)
+                                     .branch,
+                                 lower_normed.scalar_type())
+                                .contiguous();
   auto [grad_normed, grad_hidden_weight, grad_output_weight] = feed_forward_backward(
       grad_branch, lower_normed, precision.lower(hidden_weight), precision.lower(output_weight),
       optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
@@ -286,8 +322,7 @@ deformable_self_attention_block(const Tensor& tokens, const Tensor& pos, const T
       precision.lower(offset_bias), precision.lower(attention_weight), precision.lower(attention_bias),
       precision.lower(output_weight), precision.lower(output_bias), heads, points, fused_coordinate);
   const Tensor keep = draw_keep(tokens, out.sizes(), dropout_p, train);
-  const Normed normed = layer_norm(tokens + apply_keep(out, keep, dropout_p), norm_weight, norm_bias, norm_eps,
-                                   precision);
+  const Normed normed = residual_layer_norm(tokens, out, keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
   return {normed.out, query, value, locations, weights, sampled, keep, normed.input, normed.mean, normed.rstd};
 }
 
@@ -302,16 +337,17 @@ deformable_self_attention_block_backward(
     const Tensor& weights, const Tensor& sampled, const Tensor& keep, const Tensor& norm_input,
     const Tensor& norm_mean, const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
-  const NormGrads norm = layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, norm_weight, norm_bias);
+  const ResidualNormGrads norm =
+      residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, keep, dropout_p, norm_weight, norm_bias);
   const Tensor lower_query = precision.lower(query);
-  const Tensor grad_branch = cast(apply_keep(norm.input, keep, dropout_p), lower_query.scalar_type()).contiguous();
+  const Tensor grad_branch = cast(norm.branch, lower_query.scalar_type()).contiguous();
   auto grads = deformable_self_attention_backward(
       grad_branch, lower_query, precision.lower(tokens), padding_mask, offset_normalizer, height, width,
       precision.lower(value_weight), precision.lower(offset_weight), precision.lower(attention_weight),
       precision.lower(output_weight), heads, points, fused_coordinate, value, locations, weights, sampled);
   const Tensor& grad_query = std::get<0>(grads);
-  // In place: the layer norm's backward made norm.input.
-  Tensor grad_tokens = as_dtype_of(norm.input, tokens);
+  // In place: the layer norm's backward made norm.sum (grad_branch, which may be it, is used up).
+  Tensor grad_tokens = as_dtype_of(norm.sum, tokens);
   grad_tokens.add_(std::get<1>(grads)).add_(grad_query);
   return {grad_tokens,
           as_dtype_of(grad_query.sum_to_size(pos.sizes()), pos),

@@ -1,0 +1,198 @@
+// The sub-layers' residual + dropout + layer norm as one loop over rows each way (residual_norm.h).
+//
+// The sum is rounded exactly as the composition rounds it (branch * scale in the tensor's dtype,
+// then + x), so the same units are dropped to the same values. The norm's statistics and
+// per-element arithmetic run in float64 (the input's dtype is float32 or float64): at least as
+// accurate as at::native_layer_norm, whose float32 statistics accumulate in float32.
+#include "residual_norm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ipmt {
+namespace {
+
+using Accumulate = double;
+
+bool defined(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+// Rows per parallel task: about ATen's grain of elements, at least one row.
+int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
+
+// value * scale where kept, else 0, in the tensor's dtype: the composition's where + mul.
+template <typename T>
+inline T kept(T value, const bool* keep, int64_t j, T scale) {
+  return keep == nullptr ? value : (keep[j] ? value * scale : T(0));
+}
+
+template <typename T>
+void residual_norm_rows(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& keep, double scale,
+                        const at::Tensor& weight, const at::Tensor& bias, double eps, at::Tensor& out,
+                        at::Tensor& sum, at::Tensor& mean, at::Tensor& rstd) {
+  const int64_t width = x.size(-1), rows = x.numel() / std::max<int64_t>(width, 1);
+  const T* x_data = x.const_data_ptr<T>();
+  const T* branch_data = branch.const_data_ptr<T>();
+  const bool* keep_data = defined(keep) ? keep.const_data_ptr<bool>() : nullptr;
+  const T* weight_data = defined(weight) ? weight.const_data_ptr<T>() : nullptr;
+  const T* bias_data = defined(bias) ? bias.const_data_ptr<T>() : nullptr;
+  T* out_data = out.mutable_data_ptr<T>();
+  T* sum_data = sum.mutable_data_ptr<T>();
+  T* mean_data = weight_data != nullptr ? mean.mutable_data_ptr<T>() : nullptr;
+  T* rstd_data = weight_data != nullptr ? rstd.mutable_data_ptr<T>() : nullptr;
+  const T keep_scale = static_cast<T>(scale);
+  at::parallel_for(0, rows, rows_per_task(width), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * width;
+      const bool* row_keep = keep_data != nullptr ? keep_data + offset : nullptr;
+      T* s = sum_data + offset;
+      Accumulate total = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        s[j] = x_data[offset + j] + kept(branch_data[offset + j], row_keep, j, keep_scale);
+        total += s[j];
+      }
+      if (weight_data == nullptr) continue;
+      const Accumulate mu = total / width;
+      Accumulate squares = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        const Accumulate centred = s[j] - mu;
+        squares += centred * centred;
+      }
+      const Accumulate inverse_std = 1.0 / std::sqrt(squares / width + eps);
+      mean_data[row] = static_cast<T>(mu);
+      rstd_data[row] = static_cast<T>(inverse_std);
+      T* o = out_data + offset;
+      for (int64_t j = 0; j < width; ++j) {
+        const Accumulate normed = (s[j] - mu) * inverse_std * weight_data[j];
+        o[j] = static_cast<T>(bias_data != nullptr ? normed + bias_data[j] : normed);
+      }
+    }
+  });
+}
+
+template <typename T>
+void residual_norm_backward_rows(const at::Tensor& grad_out, const at::Tensor& sum, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const at::Tensor& keep, double scale,
+                                 const at::Tensor& weight, at::Tensor& grad_sum, at::Tensor& grad_branch,
+                                 at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const int64_t width = grad_out.size(-1), rows = grad_out.numel() / std::max<int64_t>(width, 1);
+  const T* grad_data = grad_out.const_data_ptr<T>();
+  const bool* keep_data = defined(keep) ? keep.const_data_ptr<bool>() : nullptr;
+  const T keep_scale = static_cast<T>(scale);
+  T* grad_branch_data = keep_data != nullptr ? grad_branch.mutable_data_ptr<T>() : nullptr;
+  if (!defined(weight)) {
+    if (keep_data == nullptr) return;  // both gradients are grad_out itself
+    at::parallel_for(0, rows, rows_per_task(width), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * width; i < end * width; ++i) {
+        grad_branch_data[i] = kept(grad_data[i], keep_data, i, keep_scale);
+      }
+    });
+    return;
+  }
+  const T* sum_data = sum.const_data_ptr<T>();
+  const T* mean_data = mean.const_data_ptr<T>();
+  const T* rstd_data = rstd.const_data_ptr<T>();
+  const T* weight_data = weight.const_data_ptr<T>();
+  T* grad_sum_data = grad_sum.mutable_data_ptr<T>();
+  // The parameters' gradients sum over rows: one float64 partial sum per thread, added at the end.
+  const int64_t threads = at::get_num_threads();
+  std::vector<Accumulate> partial(static_cast<size_t>(threads * 2 * width), 0.0);
+  at::parallel_for(0, rows, rows_per_task(width), [&](int64_t begin, int64_t end) {
+    Accumulate* weight_partial = partial.data() + at::get_thread_num() * 2 * width;
+    Accumulate* bias_partial = weight_partial + width;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * width;
+      const T* dy = grad_data + offset;
+      const T* s = sum_data + offset;
+      const Accumulate mu = mean_data[row], inverse_std = rstd_data[row];
+      // d sum = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight.
+      Accumulate g_total = 0, g_xhat_total = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        const Accumulate xhat = (s[j] - mu) * inverse_std;
+        const Accumulate g = static_cast<Accumulate>(dy[j]) * weight_data[j];
+        g_total += g;
+        g_xhat_total += g * xhat;
+        weight_partial[j] += static_cast<Accumulate>(dy[j]) * xhat;
+        bias_partial[j] += dy[j];
+      }
+      const Accumulate g_mean = g_total / width, g_xhat_mean = g_xhat_total / width;
+      const bool* row_keep = keep_data != nullptr ? keep_data + offset : nullptr;
+      T* ds = grad_sum_data + offset;
+      T* db = grad_branch_data != nullptr ? grad_branch_data + offset : nullptr;
+      for (int64_t j = 0; j < width; ++j) {
+        const Accumulate xhat = (s[j] - mu) * inverse_std;
+        ds[j] = static_cast<T>(inverse_std * (static_cast<Accumulate>(dy[j]) * weight_data[j] - g_mean -
+                                              xhat * g_xhat_mean));
+        if (db != nullptr) db[j] = kept(ds[j], row_keep, j, keep_scale);
+      }
+    }
+  });
+  T* grad_weight_data = grad_weight.mutable_data_ptr<T>();
+  T* grad_bias_data = grad_bias.defined() ? grad_bias.mutable_data_ptr<T>() : nullptr;
+  for (int64_t j = 0; j < width; ++j) {
+    Accumulate weight_total = 0, bias_total = 0;
+    for (int64_t t = 0; t < threads; ++t) {
+      weight_total += partial[t * 2 * width + j];
+      bias_total += partial[t * 2 * width + width + j];
+    }
+    grad_weight_data[j] = static_cast<T>(weight_total);
+    if (grad_bias_data != nullptr) grad_bias_data[j] = static_cast<T>(bias_total);
+  }
+}
+
+}  // namespace
+
+bool residual_norm_applies(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& keep,
+                           const at::Tensor& weight, const at::Tensor& bias) {
+  const auto dtype = x.scalar_type();
+  if (!x.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || !x.is_contiguous()) return false;
+  if (branch.scalar_type() != dtype || !branch.is_cpu() || !branch.is_contiguous() || branch.sizes() != x.sizes()) {
+    return false;
+  }
+  if (defined(keep) && (!keep.is_contiguous() || keep.sizes() != x.sizes())) return false;
+  for (const at::Tensor* parameter : {&weight, &bias}) {
+    if (defined(*parameter) && (parameter->scalar_type() != dtype || !parameter->is_contiguous())) return false;
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm(const at::Tensor& x,
+                                                                        const at::Tensor& branch,
+                                                                        const at::Tensor& keep, double scale,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& bias, double eps) {
+  const bool norm = defined(weight);
+  at::Tensor sum = at::empty_like(x);
+  at::Tensor out = norm ? at::empty_like(x) : sum;
+  at::DimVector stats_shape(x.sizes().begin(), x.sizes().end() - 1);
+  stats_shape.push_back(1);
+  at::Tensor mean = at::empty(norm ? at::IntArrayRef(stats_shape) : at::IntArrayRef({0}), x.options());
+  at::Tensor rstd = at::empty(norm ? at::IntArrayRef(stats_shape) : at::IntArrayRef({0}), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_norm", [&] {
+    residual_norm_rows<scalar_t>(x, branch, keep, scale, weight, bias, eps, out, sum, mean, rstd);
+  });
+  // Without a norm the sum is the result; the outputs of an operator may not alias one another.
+  if (!norm) sum = at::empty({0}, x.options());
+  return {out, sum, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& sum, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& keep, double scale, const at::Tensor& weight, bool with_bias) {
+  const bool norm = defined(weight);
+  const at::Tensor grad = grad_out.contiguous();
+  at::Tensor grad_sum = norm ? at::empty_like(grad) : grad;
+  // Without a mask the branch's gradient is the sum's.
+  at::Tensor grad_branch = defined(keep) ? at::empty_like(grad) : grad_sum;
+  at::Tensor grad_weight = norm ? at::empty_like(weight) : at::Tensor();
+  at::Tensor grad_bias = norm && with_bias ? at::empty_like(weight) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "residual_norm_backward", [&] {
+    residual_norm_backward_rows<scalar_t>(grad, sum, mean, rstd, keep, scale, weight, grad_sum, grad_branch,
+                                          grad_weight, grad_bias);
+  });
+  return {grad_sum, grad_branch, grad_weight, grad_bias};
+}
+
+}  // namespace ipmt
