@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "fused_ops.h"
+#include "patch_conv.h"
 #include "residual_norm.h"
 
 namespace ipmt {
@@ -382,13 +383,16 @@ Tensor map_to_tokens(const Tensor& map) {
 int64_t same_padding(const Tensor& weight) { return weight.size(-1) / 2; }
 
 Tensor conv_relu(const Tensor& input, const Tensor& weight) {
-  return at::conv2d(input, weight, {}, 1, same_padding(weight)).relu_();
+  const Tensor out = patch_conv_applies(input, weight) ? patch_conv(input, weight)
+                                                       : at::conv2d(input, weight, {}, 1, same_padding(weight));
+  return out.relu_();
 }
 
 // Gradients of (input, weight) of conv_relu from its output's gradient.
 std::tuple<Tensor, Tensor> conv_relu_backward(const Tensor& grad, const Tensor& output, const Tensor& input,
                                               const Tensor& weight) {
   const Tensor grad_pre = at::threshold_backward(grad, output, 0);
+  if (patch_conv_applies(input, weight)) return patch_conv_backward(grad_pre, input, weight);
   const int64_t pad = same_padding(weight);
   auto [grad_input, grad_weight, unused_bias] = at::convolution_backward(
       grad_pre, input, weight, c10::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, true, false});

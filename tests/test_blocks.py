@@ -263,6 +263,36 @@ def test_compiled_float32_train_within_twice_the_reference_error(op, compiled_ex
             assert_low_precision_close(f, r, o, torch.float32, name=f"compiled {op} train {name}")
 
 
+# Maps on both sides of the compiled query update's patch-row convolution limit (B h w <= 256
+# output pixels, csrc/patch_conv.h; oneDNN's convolution above it): 1 x 1 (every tap but the centre
+# off the map), the suite's 4 x 5, 2 x 12 x 12 = 288 pixels.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("batch, height, width", [(2, 1, 1), (BATCH, HEIGHT, WIDTH), (2, 12, 12)])
+def test_compiled_query_update_on_small_and_large_maps(batch, height, width, dtype, compiled_extension):
+    """The compiled query update's result and gradients against the reference's: float64 to the
+    suite's tolerance, float32 within twice the float32 reference's own error of the oracle."""
+    g = torch.Generator().manual_seed(5)
+    c = CHANNELS
+
+    def kaiming(*shape):
+        return nn.init.kaiming_uniform_(torch.empty(*shape, dtype=torch.float64), a=5 ** 0.5).to(dtype)
+
+    kwargs = dict(query=torch.randn(batch, height * width, c, generator=g, dtype=torch.float64).to(dtype),
+                  prototype=torch.randn(batch, 1, c, generator=g, dtype=torch.float64).to(dtype),
+                  update_weight=kaiming(c, 2 * c, 1, 1), conv1_weight=kaiming(c, c, 3, 3),
+                  conv2_weight=kaiming(c, c, 3, 3), height=height, width=width)
+    case = Case(blocks.QUERY_UPDATE_BLOCK, kwargs,
+                ("query", "prototype", "update_weight", "conv1_weight", "conv2_weight"), ("query", "prototype"))
+    fused, reference = run(case, "compiled"), run(case, "reference")
+    oracle = run(converted(case, torch.float64), "reference")
+    for (name, f), (_, r), (_, o) in zip(fused, reference, oracle):
+        assert f.dtype == dtype and f.shape == r.shape, name
+        if dtype == torch.float64:
+            assert_close(f, r, rtol=TOLERANCE[dtype], name=f"compiled query update {name}")
+        else:
+            assert_low_precision_close(f, r, o, dtype, name=f"compiled query update {name}")
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_compiled_double_backward_raises(op, compiled_extension):
     """create_graph=True through a compiled op fails naming it: its backward op has no derivative,

@@ -1,0 +1,127 @@
+// The patch-row convolution (patch_conv.h). A patch row holds, for one output pixel, the input
+// values under the kernel in the weight's own order (channel, kernel row, kernel column), zero
+// where the kernel hangs over the border: the (C', C, k, k) weight is then a (C', C k k) matrix
+// as it lies, and out = patches W^T, grad W = grad_out^T patches, grad patches = grad_out W.
+#include "patch_conv.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+namespace ipmt {
+namespace {
+
+struct Geometry {
+  int64_t batch, channels, height, width, kernel, pad;
+  int64_t pixels() const { return batch * height * width; }
+  int64_t patch() const { return channels * kernel * kernel; }
+};
+
+Geometry geometry(const at::Tensor& input, const at::Tensor& weight) {
+  const int64_t kernel = weight.size(-1);
+  return {input.size(0), input.size(1), input.size(2), input.size(3), kernel, kernel / 2};
+}
+
+// Pixels per parallel task: about ATen's grain of elements.
+int64_t pixels_per_task(const Geometry& g) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / g.patch()); }
+
+// patches[p, (c k + i) k + j] = input[b, c, y + i - pad, x + j - pad], 0 outside the map, for the
+// output pixel p = (b h + y) w + x; `input` is channels-last, i.e. (B, h, w, C) in memory.
+template <typename T>
+void gather_patches(const T* input, T* patches, const Geometry& g) {
+  const int64_t kk = g.kernel * g.kernel;
+  at::parallel_for(0, g.pixels(), pixels_per_task(g), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t x = p % g.width, y = (p / g.width) % g.height, b = p / (g.width * g.height);
+      T* row = patches + p * g.patch();
+      for (int64_t i = 0; i < g.kernel; ++i) {
+        const int64_t yy = y + i - g.pad;
+        for (int64_t j = 0; j < g.kernel; ++j) {
+          const int64_t xx = x + j - g.pad;
+          const int64_t tap = i * g.kernel + j;
+          if (yy < 0 || yy >= g.height || xx < 0 || xx >= g.width) {
+            for (int64_t c = 0; c < g.channels; ++c) row[c * kk + tap] = T(0);
+            continue;
+          }
+          const T* pixel = input + ((b * g.height + yy) * g.width + xx) * g.channels;
+          for (int64_t c = 0; c < g.channels; ++c) row[c * kk + tap] = pixel[c];
+        }
+      }
+    }
+  });
+}
+
+// The adjoint of gather_patches: grad_input[b, c, Y, X] = the sum, over the taps (i, j) in order,
+// of grad_patches[pixel (Y - i + pad, X - j + pad), (c k + i) k + j] where that pixel is on the map.
+template <typename T>
+void scatter_patches(const T* grad_patches, T* grad_input, const Geometry& g) {
+  const int64_t kk = g.kernel * g.kernel;
+  at::parallel_for(0, g.pixels(), pixels_per_task(g), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t xx = q % g.width, yy = (q / g.width) % g.height, b = q / (g.width * g.height);
+      T* pixel = grad_input + q * g.channels;
+      for (int64_t c = 0; c < g.channels; ++c) pixel[c] = T(0);
+      for (int64_t i = 0; i < g.kernel; ++i) {
+        const int64_t y = yy - i + g.pad;
+        if (y < 0 || y >= g.height) continue;
+        for (int64_t j = 0; j < g.kernel; ++j) {
+          const int64_t x = xx - j + g.pad;
+          if (x < 0 || x >= g.width) continue;
+          const T* row = grad_patches + ((b * g.height + y) * g.width + x) * g.patch();
+          const int64_t tap = i * g.kernel + j;
+          for (int64_t c = 0; c < g.channels; ++c) pixel[c] += row[c * kk + tap];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor patches_of(const at::Tensor& input, const Geometry& g) {
+  at::Tensor patches = at::empty({g.pixels(), g.patch()}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gather_patches", [&] {
+    gather_patches<scalar_t>(input.const_data_ptr<scalar_t>(), patches.mutable_data_ptr<scalar_t>(), g);
+  });
+  return patches;
+}
+
+// (P, C') rows as the channels-last (B, C', h, w) map they are.
+at::Tensor rows_as_map(const at::Tensor& rows, const Geometry& g) {
+  return rows.view({g.batch, g.height, g.width, rows.size(1)}).permute({0, 3, 1, 2});
+}
+
+}  // namespace
+
+bool patch_conv_applies(const at::Tensor& input, const at::Tensor& weight) {
+  const auto dtype = input.scalar_type();
+  if (!input.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || weight.scalar_type() != dtype) return false;
+  if (input.dim() != 4 || weight.dim() != 4 || !weight.is_contiguous() || weight.size(1) != input.size(1)) {
+    return false;
+  }
+  const int64_t kernel = weight.size(-1);
+  if (weight.size(-2) != kernel || kernel % 2 != 1) return false;
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         input.size(0) * input.size(2) * input.size(3) <= kPatchConvMaxPixels;
+}
+
+at::Tensor patch_conv(const at::Tensor& input, const at::Tensor& weight) {
+  const Geometry g = geometry(input, weight);
+  const at::Tensor patches = patches_of(input, g);
+  return rows_as_map(at::mm(patches, weight.view({weight.size(0), g.patch()}).t()), g);
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_conv_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                                       const at::Tensor& weight) {
+  const Geometry g = geometry(input, weight);
+  const int64_t outputs = weight.size(0);
+  // The output's gradient as (P, C') rows: a view when it is channels-last.
+  const at::Tensor grad_rows = grad_out.permute({0, 2, 3, 1}).reshape({g.pixels(), outputs});
+  const at::Tensor patches = patches_of(input, g);  // recomputed: a gather costs less than keeping it
+  const at::Tensor grad_weight = at::mm(grad_rows.t(), patches).view(weight.sizes());
+  const at::Tensor grad_patches = at::mm(grad_rows, weight.view({outputs, g.patch()}));
+  at::Tensor grad_input = at::empty({g.pixels(), g.channels}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "scatter_patches", [&] {
+    scatter_patches<scalar_t>(grad_patches.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g);
+  });
+  return {rows_as_map(grad_input, g), grad_weight};
+}
+
+}  // namespace ipmt
