@@ -16,7 +16,7 @@
 
 #include "fused_ops.h"
 #include "patch_conv.h"
-#include "residual_norm.h"
+#include "cpu_loops.h"
 
 namespace ipmt {
 namespace {
@@ -119,12 +119,12 @@ NormGrads layer_norm_backward(const Tensor& grad, const Tensor& input, const Ten
 }
 
 // LN(x + Drop(branch)) with the drawn keep mask (x + Drop(branch) without a norm weight): one
-// row loop each way where it applies (residual_norm.h), the ATen composition elsewhere.
+// row loop each way where it applies (cpu_loops.h), the ATen composition elsewhere.
 Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& keep, double p,
                            const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                            const Precision& precision) {
   const Tensor norm_weight = weight.value_or(Tensor()), norm_bias = bias.value_or(Tensor());
-  if (residual_norm_applies(x, branch, keep, norm_weight, norm_bias)) {
+  if (cpu_loops_apply({x, branch, keep, norm_weight, norm_bias})) {
     auto [out, sum, mean, rstd] = residual_norm(x, branch, keep, keep_scale(p), norm_weight, norm_bias, eps);
     return {out, sum, mean, rstd};
   }
@@ -139,7 +139,7 @@ ResidualNormGrads residual_layer_norm_backward(const Tensor& grad_out, const Ten
                                                const Tensor& rstd, const Tensor& keep, double p,
                                                const optional<Tensor>& weight, const optional<Tensor>& bias) {
   const Tensor norm_weight = weight.value_or(Tensor()), norm_bias = bias.value_or(Tensor());
-  if (residual_norm_applies(grad_out, present(input) ? input : grad_out, keep, norm_weight, norm_bias)) {
+  if (cpu_loops_apply({grad_out, input, keep, norm_weight, norm_bias})) {
     auto [grad_sum, grad_branch, grad_weight, grad_bias] =
         residual_norm_backward(grad_out, input, mean, rstd, keep, keep_scale(p), norm_weight, present(norm_bias));
     return {grad_sum, grad_branch, grad_weight, grad_bias};

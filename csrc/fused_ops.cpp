@@ -6,6 +6,8 @@
 // the result; autograd.cpp saves them and calls the backward op, all in C++.
 #include "fused_ops.h"
 
+#include "cpu_loops.h"
+
 namespace ipmt {
 
 // ---------------------------------------------------------------------------------------------
@@ -23,14 +25,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
   const Tensor query_key = at::mm(query, k_weight).view({b, m, c});
   // Tokens-major (B, N, M) logits, as the torch form.
   Tensor logits = at::bmm(tokens, query_key.transpose(1, 2));
-  mul_scalar_(logits, scale);
   // A masked token's logit gets the published bias added; here it is set to the bias instead:
   // either way its softmax weight underflows to exactly 0 next to any unmasked logit (e^-10000),
   // so the results agree, with one op instead of three. A row with no allowed token has a uniform
   // bias, i.e. a plain softmax: it gets none (see the torch form).
-  Tensor masked = at::logical_not(token_mask);
-  masked.logical_and_(token_mask.any(1, true));
-  logits.masked_fill_(masked.unsqueeze(2), masked_bias);
+  if (cpu_loops_apply({logits, token_mask})) {
+    scale_and_mask_logits_(logits, token_mask, scale, masked_bias);
+  } else {
+    mul_scalar_(logits, scale);
+    Tensor masked = at::logical_not(token_mask);
+    masked.logical_and_(token_mask.any(1, true));
+    logits.masked_fill_(masked.unsqueeze(2), masked_bias);
+  }
   const Tensor attention = at::_softmax(logits, 1, false);
   const Tensor kept = attn_keep.has_value() ? at::mul(attention, attn_keep->transpose(1, 2)) : attention;
   const Tensor pooled = at::bmm(kept.transpose(1, 2), tokens);
@@ -132,10 +138,16 @@ namespace {
 // keep * scale * ReLU(x W1^T) as rows (B*N, H).
 Tensor hidden_activation(const Tensor& x, const Tensor& hidden_weight, const c10::optional<Tensor>& hidden_keep,
                          double keep_scale) {
-  Tensor hidden = at::mm(as_rows(x), hidden_weight.t()).relu_();
-  if (hidden_keep.has_value()) {
+  Tensor hidden = at::mm(as_rows(x), hidden_weight.t());
+  const Tensor keep = hidden_keep.value_or(Tensor());
+  if (cpu_loops_apply({hidden, keep})) {
+    relu_dropout_(hidden, keep, keep_scale);
+    return hidden;
+  }
+  hidden.relu_();
+  if (keep.defined()) {
     // Zeroed where dropped, then scaled: x * keep * scale without casting the bool mask.
-    hidden.masked_fill_(at::logical_not(as_rows(*hidden_keep)), 0);
+    hidden.masked_fill_(at::logical_not(as_rows(keep)), 0);
     mul_scalar_(hidden, keep_scale);
   }
   return hidden;
@@ -168,9 +180,13 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
   const Tensor grad_rows = as_rows(grad_out);
   const Tensor grad_output_weight = at::mm(grad_rows.t(), hidden_rows);
   // Through the dropout (x scale on kept units) and the ReLU: h > 0 exactly where both pass.
-  Tensor grad_hidden = at::mm(grad_rows, output_weight);
-  if (keep_scale != 1.0) mul_scalar_(grad_hidden, keep_scale);
-  const Tensor grad_pre = at::threshold_backward(grad_hidden, hidden_rows, 0);
+  Tensor grad_pre = at::mm(grad_rows, output_weight);
+  if (cpu_loops_apply({grad_pre, hidden_rows})) {
+    relu_dropout_backward_(grad_pre, hidden_rows, keep_scale);
+  } else {
+    if (keep_scale != 1.0) mul_scalar_(grad_pre, keep_scale);
+    grad_pre = at::threshold_backward(grad_pre, hidden_rows, 0);
+  }
   const Tensor grad_hidden_weight = at::mm(grad_pre.t(), as_rows(x));
   const Tensor grad_x = at::mm(grad_pre, hidden_weight).view(x.sizes());
   return {grad_x, grad_hidden_weight, grad_output_weight};

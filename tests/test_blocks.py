@@ -252,7 +252,7 @@ def test_compiled_float32_train_within_twice_the_reference_error(op, compiled_ex
     """Float32 in train mode (the same units dropped from one seed): every result and gradient of
     the compiled op within twice the float32 reference composition's own error of the float64
     oracle. On the CPU the compiled blocks close with one loop for the residual, dropout and layer
-    norm (csrc/residual_norm.cpp), whose statistics are not at::native_layer_norm's."""
+    norm (csrc/cpu_loops.cpp), whose statistics are not at::native_layer_norm's."""
     case = make_case(op, torch.float32)
     fused = run(case, "compiled", True, DROPOUT_P)
     reference = run(case, "reference", True, DROPOUT_P)

@@ -1,14 +1,17 @@
-// The sub-layers' residual + dropout + layer norm as one loop over rows each way (residual_norm.h).
+// The CPU loops of cpu_loops.h. Where a loop stands for a composition that rounds once per step
+// it rounds as that composition does (the same dtype, the same order), so results agree to the bit
+// but where it says otherwise.
 //
-// The sum is rounded exactly as the composition rounds it (branch * scale in the tensor's dtype,
+// residual_norm: the sum is rounded exactly as the composition rounds it (branch * scale in the tensor's dtype,
 // then + x), so the same units are dropped to the same values. The norm's statistics and
 // per-element arithmetic run in float64 (the input's dtype is float32 or float64): at least as
 // accurate as at::native_layer_norm, whose float32 statistics accumulate in float32.
-#include "residual_norm.h"
+#include "cpu_loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -144,16 +147,15 @@ void residual_norm_backward_rows(const at::Tensor& grad_out, const at::Tensor& s
 
 }  // namespace
 
-bool residual_norm_applies(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& keep,
-                           const at::Tensor& weight, const at::Tensor& bias) {
-  const auto dtype = x.scalar_type();
-  if (!x.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || !x.is_contiguous()) return false;
-  if (branch.scalar_type() != dtype || !branch.is_cpu() || !branch.is_contiguous() || branch.sizes() != x.sizes()) {
-    return false;
-  }
-  if (defined(keep) && (!keep.is_contiguous() || keep.sizes() != x.sizes())) return false;
-  for (const at::Tensor* parameter : {&weight, &bias}) {
-    if (defined(*parameter) && (parameter->scalar_type() != dtype || !parameter->is_contiguous())) return false;
+bool cpu_loops_apply(std::initializer_list<at::Tensor> tensors) {
+  c10::optional<at::ScalarType> floating;
+  for (const at::Tensor& t : tensors) {
+    if (!defined(t)) continue;
+    if (!t.is_cpu() || !t.is_contiguous()) return false;
+    const auto dtype = t.scalar_type();
+    if (dtype == at::kBool) continue;
+    if ((dtype != at::kFloat && dtype != at::kDouble) || (floating && *floating != dtype)) return false;
+    floating = dtype;
   }
   return true;
 }
@@ -193,6 +195,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_backwar
                                           grad_weight, grad_bias);
   });
   return {grad_sum, grad_branch, grad_weight, grad_bias};
+}
+
+void relu_dropout_(at::Tensor& hidden, const at::Tensor& keep, double scale) {
+  const bool* keep_data = defined(keep) ? keep.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "relu_dropout_", [&] {
+    scalar_t* h = hidden.mutable_data_ptr<scalar_t>();
+    const scalar_t keep_scale = static_cast<scalar_t>(scale);
+    at::parallel_for(0, hidden.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        // relu_ keeps NaN (and so does this), masked_fill_ zeroes dropped units whatever they hold.
+        const scalar_t relu = h[i] < scalar_t(0) ? scalar_t(0) : h[i];
+        h[i] = keep_data == nullptr ? relu : kept(relu, keep_data, i, keep_scale);
+      }
+    });
+  });
+}
+
+void relu_dropout_backward_(at::Tensor& grad, const at::Tensor& hidden, double scale) {
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "relu_dropout_backward_", [&] {
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* h = hidden.const_data_ptr<scalar_t>();
+    const scalar_t keep_scale = static_cast<scalar_t>(scale);
+    const bool scaled = scale != 1.0;
+    at::parallel_for(0, grad.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        // threshold_backward's test (h <= 0 gives 0): a NaN activation passes the gradient.
+        g[i] = h[i] <= scalar_t(0) ? scalar_t(0) : (scaled ? g[i] * keep_scale : g[i]);
+      }
+    });
+  });
+}
+
+void scale_and_mask_logits_(at::Tensor& logits, const at::Tensor& token_mask, double scale, double masked_bias) {
+  const int64_t batch = logits.size(0), tokens = logits.size(1), rows = logits.size(2);
+  const bool* mask = token_mask.const_data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "scale_and_mask_logits_", [&] {
+    scalar_t* l = logits.mutable_data_ptr<scalar_t>();
+    const scalar_t logit_scale = static_cast<scalar_t>(scale), bias = static_cast<scalar_t>(masked_bias);
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const bool* image_mask = mask + b * tokens;
+        const bool any_allowed = std::any_of(image_mask, image_mask + tokens, [](bool allowed) { return allowed; });
+        scalar_t* image = l + b * tokens * rows;
+        for (int64_t i = 0; i < tokens * rows; ++i) {
+          image[i] = any_allowed && !image_mask[i / rows] ? bias : image[i] * logit_scale;
+        }
+      }
+    });
+  });
 }
 
 }  // namespace ipmt

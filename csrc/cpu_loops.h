@@ -1,0 +1,54 @@
+// Hand-written CPU loops for the pointwise and normalisation work between the fused ops' matrix
+// products (cpu_loops.cpp): at IPMT's batch sizes the host's cost per ATen call, not the
+// arithmetic, sets the pace, and each loop here replaces two to seven calls of the ATen
+// composition it computes. They take CPU tensors in float32 or float64 (`*_applies` says whether);
+// the ops fall back to the composition elsewhere (CUDA, half precision, mixed dtypes under
+// autocast).
+//
+// The residual, dropout and layer norm that close each sub-layer: x + keep * scale * branch, then
+// a layer norm over the last dimension, and the backward of both.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <tuple>
+
+namespace ipmt {
+
+// Whether the loops take these tensors: all on the CPU and contiguous, the floating ones float32
+// or float64 in one dtype (the others bool masks); undefined or empty ones are left out. The shapes
+// are the caller's to guarantee (as the ops build them).
+bool cpu_loops_apply(std::initializer_list<at::Tensor> tensors);
+
+// Returns (out, sum, mean, rstd): sum = x + keep * scale * branch (x + branch without a mask),
+// rounded as the composition rounds it; out = LayerNorm(sum) with the affine `weight` and `bias`
+// (bias may be undefined); mean and rstd per row, in the input's dtype as at::native_layer_norm
+// returns them. Without a weight there is no norm: out is sum and the statistics are empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm(const at::Tensor& x,
+                                                                        const at::Tensor& branch,
+                                                                        const at::Tensor& keep, double scale,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& bias, double eps);
+
+// Returns (grad_sum, grad_branch, grad_weight, grad_bias) from the gradient of `out`: grad_sum is
+// the gradient of the sum (that of x), grad_branch = keep * scale * grad_sum; the parameters'
+// gradients are undefined where there is no norm (or no bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& sum, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& keep, double scale, const at::Tensor& weight, bool with_bias);
+
+// ReLU then dropout of the FFN's hidden units, in place: h = keep ? max(h, 0) * scale : 0, the
+// values of relu_, masked_fill_ and mul_ (no dropout where `keep` is undefined: scale is 1).
+void relu_dropout_(at::Tensor& hidden, const at::Tensor& keep, double scale);
+
+// Its backward, in place on the gradient of the pre-activation product's output: g * scale where
+// the activation `hidden` (after dropout) is > 0, else 0 (mul_, then threshold_backward).
+void relu_dropout_backward_(at::Tensor& grad, const at::Tensor& hidden, double scale);
+
+// The prototype attention's tokens-major logits (B, N, M), in place: logits * scale, and the
+// published bias at every token masked in `token_mask` (B, N) of an image with a token allowed
+// (mul_, logical_not, any, logical_and_, masked_fill_; see masked_prototype_attention).
+void scale_and_mask_logits_(at::Tensor& logits, const at::Tensor& token_mask, double scale, double masked_bias);
+
+}  // namespace ipmt
