@@ -149,17 +149,7 @@ class DerivedFunction : public torch::autograd::Function<DerivedFunction> {
         stack.emplace_back();
       }
     }
-    // Grad mode is on in a backward only under create_graph: the backward ops have no derivative
-    // of their own, and recording them would give a second derivative silently cut short.
-    TORCH_CHECK(!torch::autograd::GradMode::is_enabled(), signature->backward.schema().name(),
-                ": the compiled ops have no double backward (create_graph=True); use a Python backend "
-                "(e.g. backend='reference') to differentiate twice");
-    {
-      // Below autograd, as the forward: the ATen calls inside the backward op skip the autograd
-      // and view-tracking kernels (one dispatcher hop and a view record each, hundreds per layer).
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      signature->backward.callBoxed(stack);
-    }
+    signature->backward.callBoxed(stack);
     for (size_t j = 0; j < given.size(); ++j) {
       // needs_input_grad counts the autograd inputs (the given differentiable tensors) only.
       if (ctx->needs_input_grad(j)) result[kLeadingSlots + j] = stack[given[j]].toTensor();
@@ -191,6 +181,28 @@ class AutogradKernel : public c10::OperatorKernel {
  private:
   std::once_flag derived_;
   std::unique_ptr<BackwardSignature> signature_;
+};
+
+// The Autograd-key kernel of a backward op: it runs below autograd, so that the ATen calls inside
+// skip the autograd and view-tracking kernels (one dispatcher hop and a view record each, hundreds
+// per layer), whether the call comes from DerivedFunction::backward or from a graph that
+// torch.compile traced. A backward op has no derivative of its own: differentiating through it
+// (create_graph=True) is refused by name rather than cut short without a word.
+class BackwardAutogradKernel : public c10::OperatorKernel {
+ public:
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+    if (torch::autograd::GradMode::is_enabled()) {
+      const size_t count = op.schema().arguments().size();
+      for (size_t i = stack->size() - count; i < stack->size(); ++i) {
+        const c10::IValue& value = (*stack)[i];
+        TORCH_CHECK(!value.isTensor() || !value.toTensor().requires_grad(), op.schema().name(),
+                    ": the compiled ops have no double backward (create_graph=True); use a Python backend "
+                    "(e.g. backend='reference') to differentiate twice");
+      }
+    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
 };
 
 enum class AutocastPolicy { kLowerPrecision, kFloat32, kComputeDtype };
@@ -262,10 +274,13 @@ class AutocastKernel : public c10::OperatorKernel {
 
 }  // namespace
 
-// Every op of the table has a backward op: each gets the derived autograd and its autocast rule.
+// Every op of the table has a backward op: each gets the derived autograd and its autocast rule,
+// its backward op the kernel that runs it below autograd.
 TORCH_LIBRARY_IMPL(ipmt_fast, Autograd, m) {
   for (const auto& rule : autocast_rules()) {
     m.impl(rule.op, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutogradKernel>()));
+    const std::string backward = std::string(rule.op) + "_backward";
+    m.impl(backward.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::make_unique<BackwardAutogradKernel>()));
   }
 }
 
