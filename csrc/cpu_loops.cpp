@@ -13,6 +13,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace ipmt {
@@ -25,10 +28,28 @@ bool defined(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 // Rows per parallel task: about ATen's grain of elements, at least one row.
 int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
 
+// `value` where `condition` holds, else +0, without a branch: dropout masks and the signs of
+// activations are random, and a branch on them mispredicts about as often as not.
+template <typename T>
+inline T select(bool condition, T value) {
+  using Bits = std::conditional_t<sizeof(T) == sizeof(uint32_t), uint32_t, uint64_t>;
+  Bits bits;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits &= Bits(0) - static_cast<Bits>(condition);
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
 // value * scale where kept, else 0, in the tensor's dtype: the composition's where + mul.
 template <typename T>
 inline T kept(T value, const bool* keep, int64_t j, T scale) {
-  return keep == nullptr ? value : (keep[j] ? value * scale : T(0));
+  return keep == nullptr ? value : select(keep[j], value * scale);
+}
+
+// max(value, 0) as relu_ computes it: NaN stays NaN.
+template <typename T>
+inline T relu(T value) {
+  return select(!(value < T(0)), value);
 }
 
 template <typename T>
@@ -203,10 +224,11 @@ void relu_dropout_(at::Tensor& hidden, const at::Tensor& keep, double scale) {
     scalar_t* h = hidden.mutable_data_ptr<scalar_t>();
     const scalar_t keep_scale = static_cast<scalar_t>(scale);
     at::parallel_for(0, hidden.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        // relu_ keeps NaN (and so does this), masked_fill_ zeroes dropped units whatever they hold.
-        const scalar_t relu = h[i] < scalar_t(0) ? scalar_t(0) : h[i];
-        h[i] = keep_data == nullptr ? relu : kept(relu, keep_data, i, keep_scale);
+      // masked_fill_ zeroes dropped units whatever they hold, NaN included.
+      if (keep_data == nullptr) {
+        for (int64_t i = begin; i < end; ++i) h[i] = relu(h[i]);
+      } else {
+        for (int64_t i = begin; i < end; ++i) h[i] = select(keep_data[i], relu(h[i]) * keep_scale);
       }
     });
   });
@@ -219,9 +241,11 @@ void relu_dropout_backward_(at::Tensor& grad, const at::Tensor& hidden, double s
     const scalar_t keep_scale = static_cast<scalar_t>(scale);
     const bool scaled = scale != 1.0;
     at::parallel_for(0, grad.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        // threshold_backward's test (h <= 0 gives 0): a NaN activation passes the gradient.
-        g[i] = h[i] <= scalar_t(0) ? scalar_t(0) : (scaled ? g[i] * keep_scale : g[i]);
+      // threshold_backward's test (h <= 0 gives 0): a NaN activation passes the gradient.
+      if (scaled) {
+        for (int64_t i = begin; i < end; ++i) g[i] = select(!(h[i] <= scalar_t(0)), g[i] * keep_scale);
+      } else {
+        for (int64_t i = begin; i < end; ++i) g[i] = select(!(h[i] <= scalar_t(0)), g[i]);
       }
     });
   });
