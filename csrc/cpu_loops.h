@@ -51,4 +51,19 @@ void relu_dropout_backward_(at::Tensor& grad, const at::Tensor& hidden, double s
 // (mul_, logical_not, any, logical_and_, masked_fill_; see masked_prototype_attention).
 void scale_and_mask_logits_(at::Tensor& logits, const at::Tensor& token_mask, double scale, double masked_bias);
 
+// The softmax's backward over the tokens (dim 1) of the prototype attention, in place on the
+// attention's gradient `grad` (B, N, M): scale * a * (g k - sum_n g k a) with a the attention and
+// k the dropout multiplier `keep` (B, M, N) (1 where undefined) (mul_, _softmax_backward_data,
+// mul_; the sum in float64).
+void attention_softmax_backward_(at::Tensor& grad, const at::Tensor& attention, const at::Tensor& keep,
+                                 double scale);
+
+// Sampling locations of the deformable attention: reference_points (N, 2) + offsets / normalizer
+// (2) over offsets (B, N, ..., 2), the two roundings of the broadcast division and sum.
+at::Tensor sampling_locations(const at::Tensor& reference_points, const at::Tensor& offsets,
+                              const at::Tensor& normalizer);
+
+// grad / normalizer over the last dimension (2) of the locations' gradient.
+at::Tensor divide_pairs(const at::Tensor& grad, const at::Tensor& normalizer);
+
 }  // namespace ipmt

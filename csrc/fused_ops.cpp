@@ -60,11 +60,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
   const Tensor keep_t = attn_keep.has_value() ? attn_keep->transpose(1, 2) : Tensor();
   const Tensor kept = attn_keep.has_value() ? at::mul(attention, keep_t) : attention;
   // pooled = kept^T T
-  Tensor grad_attention = at::bmm(tokens, grad_pooled.transpose(1, 2));
-  if (attn_keep.has_value()) grad_attention.mul_(keep_t);
+  Tensor grad_logits = at::bmm(tokens, grad_pooled.transpose(1, 2));  // that of the attention, here
   // The logits' gradient times the scale: that of T q'^T.
-  Tensor grad_logits = at::_softmax_backward_data(grad_attention, attention, 1, attention.scalar_type());
-  mul_scalar_(grad_logits, scale);
+  if (cpu_loops_apply({grad_logits, attention, attn_keep.value_or(Tensor())})) {
+    attention_softmax_backward_(grad_logits, attention, attn_keep.value_or(Tensor()), scale);
+  } else {
+    if (attn_keep.has_value()) grad_logits.mul_(keep_t);
+    grad_logits = at::_softmax_backward_data(grad_logits, attention, 1, attention.scalar_type());
+    mul_scalar_(grad_logits, scale);
+  }
   // dT = kept dpooled + dlogits q': one (B, N, 2M) x (B, 2M, C) product.
   const Tensor grad_tokens = at::bmm(at::cat({kept, grad_logits}, 2), at::cat({grad_pooled, query_key}, 1));
   const Tensor grad_query_key = at::bmm(grad_logits.transpose(1, 2), tokens).view({b * m, c});
@@ -248,7 +252,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deformable_self_attention(
   const Tensor weights = at::_softmax(logits, -1, false).view({b, n, heads, 1, points});
   // The Python layer's reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :],
   // with its two roundings (the sampling's kinks at pixel centres depend on the last bit).
-  const Tensor locations = reference_points.view({1, n, 1, 1, 1, 2}) + offsets / offset_normalizer.view({1, 1, 1, 1, 1, 2});
+  const Tensor locations =
+      cpu_loops_apply({reference_points, offsets, offset_normalizer})
+          ? sampling_locations(reference_points, offsets, offset_normalizer)
+          : reference_points.view({1, n, 1, 1, 1, 2}) + offsets / offset_normalizer.view({1, 1, 1, 1, 1, 2});
   const Tensor sampled = ms_deform_sample(value, {height, width}, locations, weights, fused_coordinate);
   Tensor out = linear_rows(as_rows(cast(sampled, query.scalar_type())), output_weight, output_bias)
                    .view({b, n, output_weight.size(0)});
@@ -282,7 +289,11 @@ deformable_self_attention_backward(const Tensor& grad_out, const Tensor& query, 
                                  .view({b * n, heads * points});
   // locations = pixel centres + offsets / (W, H)
   const Tensor grad_offsets =
-      cast(grad_locations / offset_normalizer.view({1, 1, 1, 1, 1, 2}), dtype).view({b * n, heads * points * 2});
+      cast(cpu_loops_apply({grad_locations, offset_normalizer})
+               ? divide_pairs(grad_locations, offset_normalizer)
+               : grad_locations / offset_normalizer.view({1, 1, 1, 1, 1, 2}),
+           dtype)
+          .view({b * n, heads * points * 2});
   Tensor grad_query_rows = at::mm(grad_offsets, offset_weight);
   grad_query_rows.addmm_(grad_logits, attention_weight);
   // value = (values W_v^T + b_v) zeroed at the padded tokens
