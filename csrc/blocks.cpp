@@ -118,8 +118,9 @@ NormGrads layer_norm_backward(const Tensor& grad, const Tensor& input, const Ten
   return {grad_input, grad_weight, grad_bias};
 }
 
-// LN(x + Drop(branch)) with the drawn keep mask (x + Drop(branch) without a norm weight): one
-// row loop each way where it applies (cpu_loops.h), the ATen composition elsewhere.
+// LN(x + Drop(branch)) with the drawn keep mask (x + Drop(branch) without a norm weight, LN(x)
+// without a branch): one row loop each way where it applies (cpu_loops.h), the ATen composition
+// elsewhere.
 Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& keep, double p,
                            const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                            const Precision& precision) {
@@ -128,7 +129,7 @@ Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& 
     auto [out, sum, mean, rstd] = residual_norm(x, branch, keep, keep_scale(p), norm_weight, norm_bias, eps);
     return {out, sum, mean, rstd};
   }
-  return layer_norm(x + apply_keep(branch, keep, p), weight, bias, eps, precision);
+  return layer_norm(branch.defined() ? x + apply_keep(branch, keep, p) : x, weight, bias, eps, precision);
 }
 
 struct ResidualNormGrads {
@@ -259,7 +260,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     double norm_eps, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p, bool train,
     optional<at::ScalarType> compute_dtype) {
   const Precision precision{compute_dtype};
-  const Normed normed = layer_norm(prototype, norm_weight, norm_bias, norm_eps, precision);
+  const Normed normed = residual_layer_norm(prototype, Tensor(), Tensor(), 0.0, norm_weight, norm_bias, norm_eps,
+                                            precision);
   std::vector<int64_t> hidden_shape(prototype.sizes().begin(), prototype.sizes().end());
   hidden_shape.back() = hidden_weight.size(0);
   const Tensor hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
@@ -294,10 +296,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backw
   auto [grad_normed, grad_hidden_weight, grad_output_weight] = feed_forward_backward(
       grad_branch, lower_normed, precision.lower(hidden_weight), precision.lower(output_weight),
       optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
-  const NormGrads norm = layer_norm_backward(grad_embedding + as_dtype_of(grad_normed, embedding),
-                                             precision.norm_input(prototype),
-                                             norm_mean, norm_rstd, norm_weight, norm_bias);
-  return {as_dtype_of(norm.input, prototype), as_dtype_of(grad_tokens, tokens),
+  const ResidualNormGrads norm = residual_layer_norm_backward(
+      grad_embedding + as_dtype_of(grad_normed, embedding), precision.norm_input(prototype), norm_mean, norm_rstd,
+      Tensor(), 0.0, norm_weight, norm_bias);
+  return {as_dtype_of(norm.sum, prototype), as_dtype_of(grad_tokens, tokens),
           as_dtype_of(norm.weight, norm_weight), as_dtype_of(norm.bias, norm_bias),
           as_dtype_of(grad_hidden_weight, hidden_weight), as_dtype_of(grad_output_weight, output_weight)};
 }

@@ -74,12 +74,12 @@ void residual_norm_rows(const at::Tensor& x, const at::Tensor& branch, const at:
                         at::Tensor& sum, at::Tensor& mean, at::Tensor& rstd) {
   const int64_t width = x.size(-1), rows = x.numel() / std::max<int64_t>(width, 1);
   const T* x_data = x.const_data_ptr<T>();
-  const T* branch_data = branch.const_data_ptr<T>();
+  const T* branch_data = defined(branch) ? branch.const_data_ptr<T>() : nullptr;
   const bool* keep_data = defined(keep) ? keep.const_data_ptr<bool>() : nullptr;
   const T* weight_data = defined(weight) ? weight.const_data_ptr<T>() : nullptr;
   const T* bias_data = defined(bias) ? bias.const_data_ptr<T>() : nullptr;
   T* out_data = out.mutable_data_ptr<T>();
-  T* sum_data = sum.mutable_data_ptr<T>();
+  T* sum_data = branch_data != nullptr ? sum.mutable_data_ptr<T>() : nullptr;
   T* mean_data = weight_data != nullptr ? mean.mutable_data_ptr<T>() : nullptr;
   T* rstd_data = weight_data != nullptr ? rstd.mutable_data_ptr<T>() : nullptr;
   const T keep_scale = static_cast<T>(scale);
@@ -87,9 +87,13 @@ void residual_norm_rows(const at::Tensor& x, const at::Tensor& branch, const at:
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * width;
       const bool* row_keep = keep_data != nullptr ? keep_data + offset : nullptr;
-      T* s = sum_data + offset;
-      for (int64_t j = 0; j < width; ++j) {
-        s[j] = x_data[offset + j] + kept(branch_data[offset + j], row_keep, j, keep_scale);
+      const T* s = x_data + offset;  // without a branch the norm's input is x itself
+      if (branch_data != nullptr) {
+        T* sum_row = sum_data + offset;
+        for (int64_t j = 0; j < width; ++j) {
+          sum_row[j] = x_data[offset + j] + kept(branch_data[offset + j], row_keep, j, keep_scale);
+        }
+        s = sum_row;
       }
       if (weight_data == nullptr) continue;
       const Accumulate mu = interleaved_sum(width, [&](int64_t j) { return static_cast<Accumulate>(s[j]); }) / width;
@@ -200,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm(const a
                                                                         const at::Tensor& weight,
                                                                         const at::Tensor& bias, double eps) {
   const bool norm = defined(weight);
-  at::Tensor sum = at::empty_like(x);
+  TORCH_CHECK(norm || defined(branch), "residual_norm: neither a branch nor a norm");
+  at::Tensor sum = defined(branch) ? at::empty_like(x) : at::Tensor();
   at::Tensor out = norm ? at::empty_like(x) : sum;
   at::DimVector stats_shape(x.sizes().begin(), x.sizes().end() - 1);
   stats_shape.push_back(1);
@@ -209,8 +214,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm(const a
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_norm", [&] {
     residual_norm_rows<scalar_t>(x, branch, keep, scale, weight, bias, eps, out, sum, mean, rstd);
   });
-  // Without a norm the sum is the result; the outputs of an operator may not alias one another.
-  if (!norm) sum = at::empty({0}, x.options());
+  // Without a norm the sum is the result (the outputs of an operator may not alias one another);
+  // without a branch there is no sum.
+  if (!norm || !sum.defined()) sum = at::empty({0}, x.options());
   return {out, sum, mean, rstd};
 }
 

@@ -25,6 +25,7 @@ bool cpu_loops_apply(std::initializer_list<at::Tensor> tensors);
 // rounded as the composition rounds it; out = LayerNorm(sum) with the affine `weight` and `bias`
 // (bias may be undefined); mean and rstd per row, in the input's dtype as at::native_layer_norm
 // returns them. Without a weight there is no norm: out is sum and the statistics are empty.
+// Without a branch (undefined) the norm takes x itself, and sum is empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm(const at::Tensor& x,
                                                                         const at::Tensor& branch,
                                                                         const at::Tensor& keep, double scale,
