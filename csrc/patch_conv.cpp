@@ -24,6 +24,22 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& weight) {
 // Pixels per parallel task: about ATen's grain of elements.
 int64_t pixels_per_task(const Geometry& g) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / g.patch()); }
 
+// Calls visit(tap, neighbour) for each kernel tap (i, j) of pixel `p` (an index into the
+// (B, h, w) pixels), with neighbour the pixel at p + direction * (i - pad, j - pad) or -1 where
+// that falls off the map: direction +1 reads a patch, -1 finds the patches that read `p`.
+template <typename Visit>
+inline void for_each_tap(const Geometry& g, int64_t p, int64_t direction, Visit&& visit) {
+  const int64_t x = p % g.width, y = (p / g.width) % g.height, image_start = p - (y * g.width + x);
+  for (int64_t i = 0; i < g.kernel; ++i) {
+    const int64_t yy = y + direction * (i - g.pad);
+    for (int64_t j = 0; j < g.kernel; ++j) {
+      const int64_t xx = x + direction * (j - g.pad);
+      const bool on_map = yy >= 0 && yy < g.height && xx >= 0 && xx < g.width;
+      visit(i * g.kernel + j, on_map ? image_start + yy * g.width + xx : -1);
+    }
+  }
+}
+
 // patches[p, (c k + i) k + j] = input[b, c, y + i - pad, x + j - pad], 0 outside the map, for the
 // output pixel p = (b h + y) w + x; `input` is channels-last, i.e. (B, h, w, C) in memory.
 template <typename T>
@@ -31,46 +47,30 @@ void gather_patches(const T* input, T* patches, const Geometry& g) {
   const int64_t kk = g.kernel * g.kernel;
   at::parallel_for(0, g.pixels(), pixels_per_task(g), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t x = p % g.width, y = (p / g.width) % g.height, b = p / (g.width * g.height);
       T* row = patches + p * g.patch();
-      for (int64_t i = 0; i < g.kernel; ++i) {
-        const int64_t yy = y + i - g.pad;
-        for (int64_t j = 0; j < g.kernel; ++j) {
-          const int64_t xx = x + j - g.pad;
-          const int64_t tap = i * g.kernel + j;
-          if (yy < 0 || yy >= g.height || xx < 0 || xx >= g.width) {
-            for (int64_t c = 0; c < g.channels; ++c) row[c * kk + tap] = T(0);
-            continue;
-          }
-          const T* pixel = input + ((b * g.height + yy) * g.width + xx) * g.channels;
-          for (int64_t c = 0; c < g.channels; ++c) row[c * kk + tap] = pixel[c];
-        }
-      }
+      for_each_tap(g, p, 1, [&](int64_t tap, int64_t source) {
+        const T* pixel = source >= 0 ? input + source * g.channels : nullptr;
+        for (int64_t c = 0; c < g.channels; ++c) row[c * kk + tap] = pixel != nullptr ? pixel[c] : T(0);
+      });
     }
   });
 }
 
 // The adjoint of gather_patches: grad_input[b, c, Y, X] = the sum, over the taps (i, j) in order,
-// of grad_patches[pixel (Y - i + pad, X - j + pad), (c k + i) k + j] where that pixel is on the map.
+// of grad_patches[pixel (Y - i + pad, X - j + pad), (c k + i) k + j] where that pixel is on the map
+// (a gather over the taps: no two threads write one pixel).
 template <typename T>
 void scatter_patches(const T* grad_patches, T* grad_input, const Geometry& g) {
   const int64_t kk = g.kernel * g.kernel;
   at::parallel_for(0, g.pixels(), pixels_per_task(g), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t xx = q % g.width, yy = (q / g.width) % g.height, b = q / (g.width * g.height);
       T* pixel = grad_input + q * g.channels;
       for (int64_t c = 0; c < g.channels; ++c) pixel[c] = T(0);
-      for (int64_t i = 0; i < g.kernel; ++i) {
-        const int64_t y = yy - i + g.pad;
-        if (y < 0 || y >= g.height) continue;
-        for (int64_t j = 0; j < g.kernel; ++j) {
-          const int64_t x = xx - j + g.pad;
-          if (x < 0 || x >= g.width) continue;
-          const T* row = grad_patches + ((b * g.height + y) * g.width + x) * g.patch();
-          const int64_t tap = i * g.kernel + j;
-          for (int64_t c = 0; c < g.channels; ++c) pixel[c] += row[c * kk + tap];
-        }
-      }
+      for_each_tap(g, q, -1, [&](int64_t tap, int64_t reader) {
+        if (reader < 0) return;
+        const T* row = grad_patches + reader * g.patch();
+        for (int64_t c = 0; c < g.channels; ++c) pixel[c] += row[c * kk + tap];
+      });
     }
   });
 }
