@@ -21,10 +21,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
     const Tensor& k_weight, const Tensor& v_weight, const Tensor& proj_weight,
     const c10::optional<Tensor>& attn_keep, double scale, double masked_bias) {
   const int64_t b = prototype.size(0), m = prototype.size(1), c = prototype.size(2);
-  const Tensor query = at::mm(as_rows(prototype), q_weight.t());
+  const Tensor query = at::mm(as_rows(prototype), swap_last_two(q_weight));
   const Tensor query_key = at::mm(query, k_weight).view({b, m, c});
   // Tokens-major (B, N, M) logits, as the torch form.
-  Tensor logits = at::bmm(tokens, query_key.transpose(1, 2));
+  Tensor logits = at::bmm(tokens, swap_last_two(query_key));
   // A masked token's logit gets the published bias added; here it is set to the bias instead:
   // either way its softmax weight underflows to exactly 0 next to any unmasked logit (e^-10000),
   // so the results agree, with one op instead of three. A row with no allowed token has a uniform
@@ -38,10 +38,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
     logits.masked_fill_(masked.unsqueeze(2), masked_bias);
   }
   const Tensor attention = at::_softmax(logits, 1, false);
-  const Tensor kept = attn_keep.has_value() ? at::mul(attention, attn_keep->transpose(1, 2)) : attention;
-  const Tensor pooled = at::bmm(kept.transpose(1, 2), tokens);
-  const Tensor value = at::mm(pooled.view({b * m, c}), v_weight.t());
-  Tensor out = at::mm(value, proj_weight.t()).view({b, m, c});
+  const Tensor kept = attn_keep.has_value() ? at::mul(attention, swap_last_two(*attn_keep)) : attention;
+  const Tensor pooled = at::bmm(swap_last_two(kept), tokens);
+  const Tensor value = at::mm(pooled.view({b * m, c}), swap_last_two(v_weight));
+  Tensor out = at::mm(value, swap_last_two(proj_weight)).view({b, m, c});
   return {out, query.view({b, m, c}), query_key, attention, pooled, value.view({b, m, c})};
 }
 
@@ -54,13 +54,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
   const int64_t b = prototype.size(0), m = prototype.size(1), c = prototype.size(2);
   const Tensor grad_rows = as_rows(grad_out);
   const Tensor grad_value = at::mm(grad_rows, proj_weight);
-  const Tensor grad_proj = at::mm(grad_rows.t(), value.view({b * m, c}));
+  const Tensor grad_proj = at::mm(swap_last_two(grad_rows), value.view({b * m, c}));
   const Tensor grad_pooled = at::mm(grad_value, v_weight).view({b, m, c});
-  const Tensor grad_v = at::mm(grad_value.t(), pooled.view({b * m, c}));
-  const Tensor keep_t = attn_keep.has_value() ? attn_keep->transpose(1, 2) : Tensor();
+  const Tensor grad_v = at::mm(swap_last_two(grad_value), pooled.view({b * m, c}));
+  const Tensor keep_t = attn_keep.has_value() ? swap_last_two(*attn_keep) : Tensor();
   const Tensor kept = attn_keep.has_value() ? at::mul(attention, keep_t) : attention;
   // pooled = kept^T T
-  Tensor grad_logits = at::bmm(tokens, grad_pooled.transpose(1, 2));  // that of the attention, here
+  Tensor grad_logits = at::bmm(tokens, swap_last_two(grad_pooled));  // that of the attention, here
   // The logits' gradient times the scale: that of T q'^T.
   if (cpu_loops_apply({grad_logits, attention, attn_keep.value_or(Tensor())})) {
     attention_softmax_backward_(grad_logits, attention, attn_keep.value_or(Tensor()), scale);
@@ -71,11 +71,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
   }
   // dT = kept dpooled + dlogits q': one (B, N, 2M) x (B, 2M, C) product.
   const Tensor grad_tokens = at::bmm(at::cat({kept, grad_logits}, 2), at::cat({grad_pooled, query_key}, 1));
-  const Tensor grad_query_key = at::bmm(grad_logits.transpose(1, 2), tokens).view({b * m, c});
-  const Tensor grad_query = at::mm(grad_query_key, k_weight.t());
-  const Tensor grad_k = at::mm(query.view({b * m, c}).t(), grad_query_key);
+  const Tensor grad_query_key = at::bmm(swap_last_two(grad_logits), tokens).view({b * m, c});
+  const Tensor grad_query = at::mm(grad_query_key, swap_last_two(k_weight));
+  const Tensor grad_k = at::mm(swap_last_two(query.view({b * m, c})), grad_query_key);
   const Tensor grad_prototype = at::mm(grad_query, q_weight).view({b, m, c});
-  const Tensor grad_q = at::mm(grad_query.t(), as_rows(prototype));
+  const Tensor grad_q = at::mm(swap_last_two(grad_query), as_rows(prototype));
   return {grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj};
 }
 
@@ -84,14 +84,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
 // ---------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> prototype_mask_logits(const Tensor& embedding, const Tensor& tokens, double threshold) {
-  Tensor logits = at::bmm(embedding, tokens.transpose(1, 2));
+  Tensor logits = at::bmm(embedding, swap_last_two(tokens));
   Tensor next_mask = ge_scalar(logits, threshold);
   return {logits, next_mask};
 }
 
 std::tuple<Tensor, Tensor> prototype_mask_logits_backward(const Tensor& grad_logits, const Tensor& embedding,
                                                           const Tensor& tokens) {
-  return {at::bmm(grad_logits, tokens), at::bmm(grad_logits.transpose(1, 2), embedding)};
+  return {at::bmm(grad_logits, tokens), at::bmm(swap_last_two(grad_logits), embedding)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -113,8 +113,8 @@ Tensor prototype_query_update(const Tensor& query, const Tensor& prototype, cons
   const auto [query_weight, prototype_weight] = split_update_weight(weight, query.scalar_type());
   const int64_t b = query.size(0), c = query.size(2);
   // (B, 1, C): the prototype half, broadcast over the tokens by baddbmm.
-  const Tensor bias = at::mm(as_rows(prototype), prototype_weight.t()).view({b, 1, c});
-  return at::baddbmm(bias, query, query_weight.t().expand({b, c, c})).relu_();
+  const Tensor bias = at::mm(as_rows(prototype), swap_last_two(prototype_weight)).view({b, 1, c});
+  return at::baddbmm(bias, query, swap_last_two(query_weight).expand({b, c, c})).relu_();
 }
 
 // Returns the gradients of (query, prototype, weight) from the update's output.
@@ -128,8 +128,8 @@ std::tuple<Tensor, Tensor, Tensor> prototype_query_update_backward(const Tensor&
   const Tensor grad_pre_rows = as_rows(grad_pre);
   const Tensor grad_query = at::mm(grad_pre_rows, query_weight).view(query.sizes());
   const Tensor grad_prototype = at::mm(grad_bias, prototype_weight).view({b, 1, c});
-  const Tensor grad_weight = at::cat({at::mm(grad_pre_rows.t(), as_rows(query)),
-                                      at::mm(grad_bias.t(), as_rows(prototype))}, 1);
+  const Tensor grad_weight = at::cat({at::mm(swap_last_two(grad_pre_rows), as_rows(query)),
+                                      at::mm(swap_last_two(grad_bias), as_rows(prototype))}, 1);
   return {grad_query, grad_prototype, cast(grad_weight, weight.scalar_type()).view(weight.sizes())};
 }
 
@@ -142,7 +142,7 @@ namespace {
 // keep * scale * ReLU(x W1^T) as rows (B*N, H).
 Tensor hidden_activation(const Tensor& x, const Tensor& hidden_weight, const c10::optional<Tensor>& hidden_keep,
                          double keep_scale) {
-  Tensor hidden = at::mm(as_rows(x), hidden_weight.t());
+  Tensor hidden = at::mm(as_rows(x), swap_last_two(hidden_weight));
   const Tensor keep = hidden_keep.value_or(Tensor());
   if (cpu_loops_apply({hidden, keep})) {
     relu_dropout_(hidden, keep, keep_scale);
@@ -170,7 +170,7 @@ std::tuple<Tensor, Tensor> feed_forward(const Tensor& x, const Tensor& hidden_we
                                         const c10::optional<Tensor>& hidden_keep, double keep_scale,
                                         bool recompute_hidden) {
   const Tensor hidden = hidden_activation(x, hidden_weight, hidden_keep, keep_scale);
-  Tensor out = at::mm(hidden, output_weight.t()).view(with_last(x.sizes(), output_weight.size(0)));
+  Tensor out = at::mm(hidden, swap_last_two(output_weight)).view(with_last(x.sizes(), output_weight.size(0)));
   return {out, recompute_hidden ? hidden.new_empty({0}) : hidden.view(with_last(x.sizes(), hidden.size(1)))};
 }
 
@@ -182,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
   const Tensor hidden_rows = saved_hidden.numel() > 0 ? as_rows(saved_hidden)
                                                       : hidden_activation(x, hidden_weight, hidden_keep, keep_scale);
   const Tensor grad_rows = as_rows(grad_out);
-  const Tensor grad_output_weight = at::mm(grad_rows.t(), hidden_rows);
+  const Tensor grad_output_weight = at::mm(swap_last_two(grad_rows), hidden_rows);
   // Through the dropout (x scale on kept units) and the ReLU: h > 0 exactly where both pass.
   Tensor grad_pre = at::mm(grad_rows, output_weight);
   if (cpu_loops_apply({grad_pre, hidden_rows})) {
@@ -191,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor> feed_forward_backward(const Tensor& grad_out,
     if (keep_scale != 1.0) mul_scalar_(grad_pre, keep_scale);
     grad_pre = at::threshold_backward(grad_pre, hidden_rows, 0);
   }
-  const Tensor grad_hidden_weight = at::mm(grad_pre.t(), as_rows(x));
+  const Tensor grad_hidden_weight = at::mm(swap_last_two(grad_pre), as_rows(x));
   const Tensor grad_x = at::mm(grad_pre, hidden_weight).view(x.sizes());
   return {grad_x, grad_hidden_weight, grad_output_weight};
 }
@@ -225,7 +225,7 @@ std::tuple<Tensor, Tensor, Tensor> ms_deform_sample_backward(const Tensor& grad,
 
 // x W^T + bias over the rows of x, as at::linear computes it (addmm).
 Tensor linear_rows(const Tensor& x_rows, const Tensor& weight, const Tensor& bias) {
-  return at::addmm(bias, x_rows, weight.t());
+  return at::addmm(bias, x_rows, swap_last_two(weight));
 }
 
 }  // namespace
@@ -277,7 +277,7 @@ deformable_self_attention_backward(const Tensor& grad_out, const Tensor& query, 
   const Tensor query_rows = as_rows(query);
   // out = sampled W_out^T + b_out
   const Tensor grad_rows = as_rows(grad_out);
-  const Tensor grad_output_weight = at::mm(grad_rows.t(), as_rows(cast(sampled, dtype)));
+  const Tensor grad_output_weight = at::mm(swap_last_two(grad_rows), as_rows(cast(sampled, dtype)));
   const Tensor grad_output_bias = grad_rows.sum(0);
   const Tensor grad_sampled = cast(at::mm(grad_rows, output_weight), coordinate).view({b, n, -1});
   const auto [grad_value, grad_locations, grad_weights] =
@@ -302,11 +302,11 @@ deformable_self_attention_backward(const Tensor& grad_out, const Tensor& query, 
   grad_value_rows.masked_fill_(padding_mask.view({b * n, 1}), 0);
   return {grad_query_rows.view({b, n, c}),
           at::mm(grad_value_rows, value_weight).view({b, n, c}),
-          at::mm(grad_value_rows.t(), as_rows(values)),
+          at::mm(swap_last_two(grad_value_rows), as_rows(values)),
           grad_value_rows.sum(0),
-          at::mm(grad_offsets.t(), query_rows),
+          at::mm(swap_last_two(grad_offsets), query_rows),
           grad_offsets.sum(0),
-          at::mm(grad_logits.t(), query_rows),
+          at::mm(swap_last_two(grad_logits), query_rows),
           grad_logits.sum(0),
           grad_output_weight,
           grad_output_bias};

@@ -4,6 +4,8 @@
 // as it lies, and out = patches W^T, grad W = grad_out^T patches, grad patches = grad_out W.
 #include "patch_conv.h"
 
+#include "tensor_utils.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -105,7 +107,7 @@ bool patch_conv_applies(const at::Tensor& input, const at::Tensor& weight) {
 at::Tensor patch_conv(const at::Tensor& input, const at::Tensor& weight) {
   const Geometry g = geometry(input, weight);
   const at::Tensor patches = patches_of(input, g);
-  return rows_as_map(at::mm(patches, weight.view({weight.size(0), g.patch()}).t()), g);
+  return rows_as_map(at::mm(patches, swap_last_two(weight.view({weight.size(0), g.patch()}))), g);
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_conv_backward(const at::Tensor& grad_out, const at::Tensor& input,
@@ -115,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> patch_conv_backward(const at::Tensor& grad_ou
   // The output's gradient as (P, C') rows: a view when it is channels-last.
   const at::Tensor grad_rows = grad_out.permute({0, 2, 3, 1}).reshape({g.pixels(), outputs});
   const at::Tensor patches = patches_of(input, g);  // recomputed: a gather costs less than keeping it
-  const at::Tensor grad_weight = at::mm(grad_rows.t(), patches).view(weight.sizes());
+  const at::Tensor grad_weight = at::mm(swap_last_two(grad_rows), patches).view(weight.sizes());
   const at::Tensor grad_patches = at::mm(grad_rows, weight.view({outputs, g.patch()}));
   at::Tensor grad_input = at::empty({g.pixels(), g.channels}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "scatter_patches", [&] {

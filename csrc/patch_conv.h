@@ -15,7 +15,7 @@ namespace ipmt {
 
 // The largest B * h * w for which the patch-row convolution is used: the query update block's
 // forward + backward with it against oneDNN's convolutions, on this project's 2-core CPU at 32 and
-// 256 channels, one thread (NOTES.md, "Patch-row convolution"): 0.44x / 0.33x the time at 36
+// 256 channels, one thread (NOTES.md, "Host cost, third pass"): 0.44x / 0.33x the time at 36
 // pixels, 0.6x at 100, even at 256, slower beyond (1.2x at 484, 1.3x-3.5x at 900-3600).
 constexpr int64_t kPatchConvMaxPixels = 256;
 

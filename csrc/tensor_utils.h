@@ -4,10 +4,24 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include <utility>
 #include <vector>
 
 namespace ipmt {
+
+// `t` with its last two dimensions swapped: one as_strided call, where Tensor::t() dispatches
+// three ops and transpose() two for the same view (the fused ops run below autograd, so the view
+// needs no record of its own).
+inline at::Tensor swap_last_two(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t.dim() >= 2);
+  at::DimVector sizes(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end());
+  const size_t n = sizes.size();
+  std::swap(sizes[n - 1], sizes[n - 2]);
+  std::swap(strides[n - 1], strides[n - 2]);
+  return t.as_strided(sizes, strides, t.storage_offset());
+}
 
 // `t` in `dtype`; no dispatch when it already is (Tensor::to dispatches even then).
 inline at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) {
@@ -15,7 +29,11 @@ inline at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) {
 }
 
 // The rows of `t`: (..., K) -> (R, K) (a view of a contiguous tensor, no dispatch when 2-D).
-inline at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+inline at::Tensor as_rows(const at::Tensor& t) {
+  if (t.dim() == 2) return t;
+  // A view when contiguous: one dispatch, where reshape makes two.
+  return t.is_contiguous() ? t.view({-1, t.size(-1)}) : t.reshape({-1, t.size(-1)});
+}
 
 // A 0-dim tensor holding `value` in `like`'s dtype, to multiply or compare `like` with. A Scalar
 // operand becomes a float64 tensor that CPU kernels first cast to the other operand's dtype (three
