@@ -64,13 +64,13 @@ Tensor draw_multiplier(const Tensor& like, at::IntArrayRef shape, at::ScalarType
   return mul_scalar_(multiplier, keep_scale(p));
 }
 
-// x * keep * scale, the same values as the Python `x * keep * scale`, or x without a mask. On the
-// CPU in float32/float64 without casting the bool mask (what x * keep does) nor the scale; CUDA
-// does both in native_dropout_backward's one kernel.
+// x * keep * scale, the same values as the Python `x * keep * scale` (a dropped NaN stays NaN), or
+// x without a mask. On the CPU in float32/float64 with the cached scalar; elsewhere in
+// native_dropout_backward's one kernel.
 Tensor apply_keep(const Tensor& x, const Tensor& keep, double p) {
   if (!present(keep)) return x;
   if (!takes_cached_scalar(x)) return at::native_dropout_backward(x, keep, keep_scale(p));
-  Tensor kept = at::where(keep, x, cached_scalar(0.0, x.scalar_type()));
+  Tensor kept = at::mul(x, keep);
   return mul_scalar_(kept, keep_scale(p));
 }
 

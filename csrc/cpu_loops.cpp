@@ -44,8 +44,8 @@ inline Accumulate interleaved_sum(int64_t width, Term&& term) {
   return (a0 + a1) + (a2 + a3);
 }
 
-// `value` where `condition` holds, else +0, without a branch: dropout masks and the signs of
-// activations are random, and a branch on them mispredicts about as often as not.
+// `value` where `condition` holds, else +0, without a branch: the signs of activations are
+// random, and a branch on them mispredicts about as often as not.
 template <typename T>
 inline T select(bool condition, T value) {
   using Bits = std::conditional_t<sizeof(T) == sizeof(uint32_t), uint32_t, uint64_t>;
@@ -56,10 +56,11 @@ inline T select(bool condition, T value) {
   return value;
 }
 
-// value * scale where kept, else 0, in the tensor's dtype: the composition's where + mul.
+// value * keep * scale in the tensor's dtype, as dropout computes it (x * keep * scale): a dropped
+// NaN or infinity stays NaN, as in the published math.
 template <typename T>
 inline T kept(T value, const bool* keep, int64_t j, T scale) {
-  return keep == nullptr ? value : select(keep[j], value * scale);
+  return keep == nullptr ? value : value * static_cast<T>(keep[j]) * scale;
 }
 
 // max(value, 0) as relu_ computes it: NaN stays NaN.
@@ -243,11 +244,10 @@ void relu_dropout_(at::Tensor& hidden, const at::Tensor& keep, double scale) {
     scalar_t* h = hidden.mutable_data_ptr<scalar_t>();
     const scalar_t keep_scale = static_cast<scalar_t>(scale);
     at::parallel_for(0, hidden.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      // masked_fill_ zeroes dropped units whatever they hold, NaN included.
       if (keep_data == nullptr) {
         for (int64_t i = begin; i < end; ++i) h[i] = relu(h[i]);
       } else {
-        for (int64_t i = begin; i < end; ++i) h[i] = select(keep_data[i], relu(h[i]) * keep_scale);
+        for (int64_t i = begin; i < end; ++i) h[i] = kept(relu(h[i]), keep_data, i, keep_scale);
       }
     });
   });

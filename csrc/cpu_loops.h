@@ -39,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_backwar
     const at::Tensor& grad_out, const at::Tensor& sum, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& keep, double scale, const at::Tensor& weight, bool with_bias);
 
-// ReLU then dropout of the FFN's hidden units, in place: h = keep ? max(h, 0) * scale : 0, the
-// values of relu_, masked_fill_ and mul_ (no dropout where `keep` is undefined: scale is 1).
+// ReLU then dropout of the FFN's hidden units, in place: h = relu(h) * keep * scale, the values
+// of relu_, mul_(keep) and mul_ (no dropout where `keep` is undefined: scale is 1).
 void relu_dropout_(at::Tensor& hidden, const at::Tensor& keep, double scale);
 
 // Its backward, in place on the gradient of the pre-activation product's output: g * scale where

@@ -150,8 +150,7 @@ Tensor hidden_activation(const Tensor& x, const Tensor& hidden_weight, const c10
   }
   hidden.relu_();
   if (keep.defined()) {
-    // Zeroed where dropped, then scaled: x * keep * scale without casting the bool mask.
-    hidden.masked_fill_(at::logical_not(as_rows(keep)), 0);
+    hidden.mul_(as_rows(keep));  // x * keep * scale, as dropout: a dropped NaN stays NaN
     mul_scalar_(hidden, keep_scale);
   }
   return hidden;

@@ -263,6 +263,24 @@ def test_compiled_float32_train_within_twice_the_reference_error(op, compiled_ex
             assert_low_precision_close(f, r, o, torch.float32, name=f"compiled {op} train {name}")
 
 
+@pytest.mark.parametrize("op, argument", [(blocks.FEED_FORWARD_BLOCK, "hidden_weight"),
+                                          (blocks.ATTENTION_BLOCK, "prototype"), (blocks.DEFORMABLE_BLOCK, "tokens")])
+def test_compiled_nan_spreads_as_in_the_reference(op, argument, compiled_extension):
+    """One NaN in an argument, in train mode: the compiled op's result has NaN exactly where the
+    reference's has (assert_close matches NaN positions). A NaN in the FFN's hidden weight makes
+    one hidden unit NaN in every row, and dropout as the published math computes it
+    (x * keep * scale) leaves a dropped NaN NaN: every row is NaN. Against the compiled ops before
+    this test, which zeroed dropped units (where / masked_fill_), the rows that dropped the unit
+    came out finite."""
+    case = make_case(op)
+    case.kwargs[argument] = case.kwargs[argument].clone()
+    case.kwargs[argument].view(-1)[10] = float("nan")
+    got = run(case, "compiled", True, DROPOUT_P)[0][1]
+    expected = run(case, "reference", True, DROPOUT_P)[0][1]
+    assert torch.isnan(expected).any()
+    assert_close(got, expected, rtol=TOLERANCE[torch.float64], name=f"compiled {op} with a NaN")
+
+
 # Maps on both sides of the compiled query update's patch-row convolution limit (B h w <= 256
 # output pixels, csrc/patch_conv.h; oneDNN's convolution above it): 1 x 1 (every tap but the centre
 # off the map), the suite's 4 x 5, 2 x 12 x 12 = 288 pixels.
