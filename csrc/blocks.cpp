@@ -14,9 +14,9 @@
 
 #include <cmath>
 
+#include "cpu_loops.h"
 #include "fused_ops.h"
 #include "patch_conv.h"
-#include "cpu_loops.h"
 
 namespace ipmt {
 namespace {
@@ -65,13 +65,12 @@ Tensor draw_multiplier(const Tensor& like, at::IntArrayRef shape, at::ScalarType
 }
 
 // x * keep * scale, the same values as the Python `x * keep * scale` (a dropped NaN stays NaN), or
-// x without a mask. On the CPU in float32/float64 with the cached scalar; elsewhere in
-// native_dropout_backward's one kernel.
+// x without a mask: one CPU loop where it applies (cpu_loops.h), else native_dropout_backward's
+// one kernel.
 Tensor apply_keep(const Tensor& x, const Tensor& keep, double p) {
   if (!present(keep)) return x;
-  if (!takes_cached_scalar(x)) return at::native_dropout_backward(x, keep, keep_scale(p));
-  Tensor kept = at::mul(x, keep);
-  return mul_scalar_(kept, keep_scale(p));
+  if (cpu_loops_apply({x, keep})) return dropout(x, keep, keep_scale(p));
+  return at::native_dropout_backward(x, keep, keep_scale(p));
 }
 
 optional<Tensor> optional_mask(const Tensor& keep) { return present(keep) ? optional<Tensor>(keep) : c10::nullopt; }
@@ -288,11 +287,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backw
       cast(grad_logits, lower_embedding.scalar_type()), lower_embedding, precision.lower(tokens));
   const Tensor grad_embedding = as_dtype_of(grad_lower_embedding, embedding);
   const Tensor lower_normed = precision.lower(normed);
-  const Tensor grad_branch = cast(residual_layer_norm_backward(grad_embedding, Tensor(), Tensor(), Tensor(), out_keep,
-                                                              dropout_p, c10::nullopt, c10::nullopt)
-                                     .branch,
-                                 lower_normed.scalar_type())
-                                .contiguous();
+  const Tensor grad_branch =
+      cast(apply_keep(grad_embedding, out_keep, dropout_p), lower_normed.scalar_type()).contiguous();
   auto [grad_normed, grad_hidden_weight, grad_output_weight] = feed_forward_backward(
       grad_branch, lower_normed, precision.lower(hidden_weight), precision.lower(output_weight),
       optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);

@@ -2,8 +2,8 @@
 // it rounds as that composition does (the same dtype, the same order), so results agree to the bit
 // but where it says otherwise.
 //
-// residual_norm: the sum is rounded exactly as the composition rounds it (branch * scale in the tensor's dtype,
-// then + x), so the same units are dropped to the same values. The norm's statistics and
+// residual_norm: the sum is rounded exactly as the composition rounds it (branch * keep * scale in
+// the tensor's dtype, then + x), so the same units are dropped to the same values. The norm's statistics and
 // per-element arithmetic run in float64 (the input's dtype is float32 or float64): at least as
 // accurate as at::native_layer_norm, whose float32 statistics accumulate in float32.
 #include "cpu_loops.h"
@@ -69,6 +69,14 @@ inline T relu(T value) {
   return select(!(value < T(0)), value);
 }
 
+// out = x * keep * scale over `count` elements.
+template <typename T>
+void dropout_values(const T* x, const bool* keep, T scale, int64_t count, T* out) {
+  at::parallel_for(0, count, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = kept(x[i], keep, i, scale);
+  });
+}
+
 template <typename T>
 void residual_norm_rows(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& keep, double scale,
                         const at::Tensor& weight, const at::Tensor& bias, double eps, at::Tensor& out,
@@ -125,12 +133,8 @@ void residual_norm_backward_rows(const at::Tensor& grad_out, const at::Tensor& s
   const T keep_scale = static_cast<T>(scale);
   T* grad_branch_data = keep_data != nullptr ? grad_branch.mutable_data_ptr<T>() : nullptr;
   if (!defined(weight)) {
-    if (keep_data == nullptr) return;  // both gradients are grad_out itself
-    at::parallel_for(0, rows, rows_per_task(width), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin * width; i < end * width; ++i) {
-        grad_branch_data[i] = kept(grad_data[i], keep_data, i, keep_scale);
-      }
-    });
+    // Both gradients are grad_out itself, but dropped: dropout_values does that.
+    if (keep_data != nullptr) dropout_values(grad_data, keep_data, keep_scale, grad_out.numel(), grad_branch_data);
     return;
   }
   const T* sum_data = sum.const_data_ptr<T>();
@@ -236,6 +240,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_backwar
                                           grad_weight, grad_bias);
   });
   return {grad_sum, grad_branch, grad_weight, grad_bias};
+}
+
+at::Tensor dropout(const at::Tensor& x, const at::Tensor& keep, double scale) {
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dropout", [&] {
+    dropout_values(x.const_data_ptr<scalar_t>(), keep.const_data_ptr<bool>(), static_cast<scalar_t>(scale),
+                   x.numel(), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 void relu_dropout_(at::Tensor& hidden, const at::Tensor& keep, double scale) {

@@ -1,7 +1,7 @@
 // Hand-written CPU loops for the pointwise and normalisation work between the fused ops' matrix
 // products (cpu_loops.cpp): at IPMT's batch sizes the host's cost per ATen call, not the
 // arithmetic, sets the pace, and each loop here replaces two to seven calls of the ATen
-// composition it computes. They take CPU tensors in float32 or float64 (`*_applies` says whether);
+// composition it computes. They take CPU tensors in float32 or float64 (cpu_loops_apply says whether);
 // the ops fall back to the composition elsewhere (CUDA, half precision, mixed dtypes under
 // autocast).
 //
@@ -38,6 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm(const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_backward(
     const at::Tensor& grad_out, const at::Tensor& sum, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& keep, double scale, const at::Tensor& weight, bool with_bias);
+
+// Dropout with a drawn mask: x * keep * scale, as a new tensor (the Python `x * keep * scale`).
+at::Tensor dropout(const at::Tensor& x, const at::Tensor& keep, double scale);
 
 // ReLU then dropout of the FFN's hidden units, in place: h = relu(h) * keep * scale, the values
 // of relu_, mul_(keep) and mul_ (no dropout where `keep` is undefined: scale is 1).
