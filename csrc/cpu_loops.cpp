@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -190,7 +191,14 @@ void residual_norm_backward_rows(const at::Tensor& grad_out, const at::Tensor& s
 
 }  // namespace
 
+namespace {
+std::atomic<bool> cpu_paths_on{true};
+}  // namespace
+
+bool cpu_paths_enabled() { return cpu_paths_on.load(std::memory_order_relaxed); }
+
 bool cpu_loops_apply(std::initializer_list<at::Tensor> tensors) {
+  if (!cpu_paths_enabled()) return false;
   c10::optional<at::ScalarType> floating;
   for (const at::Tensor& t : tensors) {
     if (!defined(t)) continue;
@@ -367,3 +375,7 @@ at::Tensor divide_pairs(const at::Tensor& grad, const at::Tensor& normalizer) {
 }
 
 }  // namespace ipmt
+
+extern "C" int ipmt_fast_set_cpu_paths(int enabled) {
+  return ipmt::cpu_paths_on.exchange(enabled != 0) ? 1 : 0;
+}

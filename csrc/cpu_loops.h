@@ -16,9 +16,15 @@
 
 namespace ipmt {
 
-// Whether the loops take these tensors: all on the CPU and contiguous, the floating ones float32
-// or float64 in one dtype (the others bool masks); undefined or empty ones are left out. The shapes
-// are the caller's to guarantee (as the ops build them).
+// Whether the CPU-only paths (these loops and the patch-row convolution, patch_conv.h) may be
+// taken. Switched off (ipmt_fast_set_cpu_paths below), the ops run the ATen compositions and
+// library convolutions their CUDA kernels run, so the CPU tests the arithmetic a GPU executes.
+// Process-wide, on by default.
+bool cpu_paths_enabled();
+
+// Whether the loops take these tensors: the CPU paths enabled, all on the CPU and contiguous, the
+// floating ones float32 or float64 in one dtype (the others bool masks); undefined or empty ones
+// are left out. The shapes are the caller's to guarantee (as the ops build them).
 bool cpu_loops_apply(std::initializer_list<at::Tensor> tensors);
 
 // Returns (out, sum, mean, rstd): sum = x + keep * scale * branch (x + branch without a mask),
@@ -71,3 +77,7 @@ at::Tensor sampling_locations(const at::Tensor& reference_points, const at::Tens
 at::Tensor divide_pairs(const at::Tensor& grad, const at::Tensor& normalizer);
 
 }  // namespace ipmt
+
+// Turns the CPU paths on (non-zero) or off and returns whether they were on: a C symbol, so that
+// Python reaches it through ctypes (ipmt_fast.ops.extension.cpu_paths) without an operator.
+extern "C" int ipmt_fast_set_cpu_paths(int enabled);

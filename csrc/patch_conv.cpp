@@ -4,6 +4,7 @@
 // as it lies, and out = patches W^T, grad W = grad_out^T patches, grad patches = grad_out W.
 #include "patch_conv.h"
 
+#include "cpu_loops.h"
 #include "tensor_utils.h"
 
 #include <ATen/Dispatch.h>
@@ -94,7 +95,7 @@ at::Tensor rows_as_map(const at::Tensor& rows, const Geometry& g) {
 
 bool patch_conv_applies(const at::Tensor& input, const at::Tensor& weight) {
   const auto dtype = input.scalar_type();
-  if (!input.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || weight.scalar_type() != dtype) return false;
+  if (!cpu_paths_enabled() || !input.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || weight.scalar_type() != dtype) return false;
   if (input.dim() != 4 || weight.dim() != 4 || !weight.is_contiguous() || weight.size(1) != input.size(1)) {
     return false;
   }

@@ -19,9 +19,9 @@ namespace ipmt {
 // pixels, 0.6x at 100, even at 256, slower beyond (1.2x at 484, 1.3x-3.5x at 900-3600).
 constexpr int64_t kPatchConvMaxPixels = 256;
 
-// Whether the patch-row convolution takes `input` (B, C, h, w) and `weight` (C', C, k, k): CPU,
-// float32 or float64 in one dtype, `input` channels-last contiguous, `weight` contiguous, at most
-// kPatchConvMaxPixels output pixels.
+// Whether the patch-row convolution takes `input` (B, C, h, w) and `weight` (C', C, k, k): the CPU
+// paths enabled (cpu_loops.h), CPU, float32 or float64 in one dtype, `input` channels-last
+// contiguous, `weight` contiguous, at most kPatchConvMaxPixels output pixels.
 bool patch_conv_applies(const at::Tensor& input, const at::Tensor& weight);
 
 // conv2d(input, weight, padding = k // 2) as a channels-last (B, C', h, w) tensor.

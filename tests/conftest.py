@@ -21,3 +21,34 @@ def compiled_extension():
         if extension.build_tools_reason() is None:
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture
+def without_cpu_paths(compiled_extension):
+    """The compiled ops with their CPU-only loops and patch-row convolution off: the ATen
+    compositions and library convolutions their CUDA kernels run (ipmt_fast.ops.extension.cpu_paths)."""
+    from ipmt_fast.ops.extension import cpu_paths
+
+    with cpu_paths(False):
+        yield
+
+
+@pytest.fixture
+def backend(request):
+    """The backend name of an indirect parametrization: ``cpu_paths.WITHOUT_CPU_PATHS`` is
+    "compiled" with its CPU-only paths off for the test, any other name is itself."""
+    from cpu_paths import WITHOUT_CPU_PATHS
+
+    if request.param == WITHOUT_CPU_PATHS:
+        request.getfixturevalue("without_cpu_paths")
+        return "compiled"
+    return request.param
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-paths", "without-cpu-paths"])
+def either_cpu_paths(request, compiled_extension):
+    """The test twice: the compiled ops with their CPU-only paths on (the default), then off."""
+    from ipmt_fast.ops.extension import cpu_paths
+
+    with cpu_paths(request.param):
+        yield request.param

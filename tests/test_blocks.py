@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 from compare import assert_close, assert_low_precision_close
+from cpu_paths import with_compositions
 
 from ipmt_fast.model.transformer import FFN_EXPANSION, DeformableSelfAttention
 from ipmt_fast.ops import blocks, registry
@@ -185,7 +186,7 @@ MATCH_CASES = [pytest.param(op, options, mode, id=f"{_variant_id(op, options)}-{
                for op, options in VARIANTS for mode in (("eval", "train") if op in WITH_DROPOUT else ("eval",))]
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(FUSED_BACKENDS), indirect=True)
 @pytest.mark.parametrize("op, options, mode", MATCH_CASES)
 def test_matches_reference(op, options, mode, backend):
     """Values and every gradient in float64 (but FLOAT32_ONLY); in train mode the same units
@@ -248,11 +249,12 @@ def test_compiled_bf16_autocast_within_twice_the_reference_error(op, compiled_ex
 
 
 @pytest.mark.parametrize("op", WITH_DROPOUT)
-def test_compiled_float32_train_within_twice_the_reference_error(op, compiled_extension):
+def test_compiled_float32_train_within_twice_the_reference_error(op, either_cpu_paths):
     """Float32 in train mode (the same units dropped from one seed): every result and gradient of
     the compiled op within twice the float32 reference composition's own error of the float64
     oracle. On the CPU the compiled blocks close with one loop for the residual, dropout and layer
-    norm (csrc/cpu_loops.cpp), whose statistics are not at::native_layer_norm's."""
+    norm (csrc/cpu_loops.cpp), whose statistics are not at::native_layer_norm's; without the CPU
+    paths they run at::native_layer_norm as on CUDA."""
     case = make_case(op, torch.float32)
     fused = run(case, "compiled", True, DROPOUT_P)
     reference = run(case, "reference", True, DROPOUT_P)
@@ -265,13 +267,13 @@ def test_compiled_float32_train_within_twice_the_reference_error(op, compiled_ex
 
 @pytest.mark.parametrize("op, argument", [(blocks.FEED_FORWARD_BLOCK, "hidden_weight"),
                                           (blocks.ATTENTION_BLOCK, "prototype"), (blocks.DEFORMABLE_BLOCK, "tokens")])
-def test_compiled_nan_spreads_as_in_the_reference(op, argument, compiled_extension):
+def test_compiled_nan_spreads_as_in_the_reference(op, argument, either_cpu_paths):
     """One NaN in an argument, in train mode: the compiled op's result has NaN exactly where the
     reference's has (assert_close matches NaN positions). A NaN in the FFN's hidden weight makes
     one hidden unit NaN in every row, and dropout as the published math computes it
     (x * keep * scale) leaves a dropped NaN NaN: every row is NaN. Against the compiled ops before
     this test, which zeroed dropped units (where / masked_fill_), the rows that dropped the unit
-    came out finite."""
+    came out finite; so did, without the CPU paths, their ATen compositions (what CUDA runs)."""
     case = make_case(op)
     case.kwargs[argument] = case.kwargs[argument].clone()
     case.kwargs[argument].view(-1)[10] = float("nan")
@@ -286,9 +288,10 @@ def test_compiled_nan_spreads_as_in_the_reference(op, argument, compiled_extensi
 # off the map), the suite's 4 x 5, 2 x 12 x 12 = 288 pixels.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("batch, height, width", [(2, 1, 1), (BATCH, HEIGHT, WIDTH), (2, 12, 12)])
-def test_compiled_query_update_on_small_and_large_maps(batch, height, width, dtype, compiled_extension):
+def test_compiled_query_update_on_small_and_large_maps(batch, height, width, dtype, either_cpu_paths):
     """The compiled query update's result and gradients against the reference's: float64 to the
-    suite's tolerance, float32 within twice the float32 reference's own error of the oracle."""
+    suite's tolerance, float32 within twice the float32 reference's own error of the oracle; with
+    the CPU paths off every map takes the library convolution."""
     g = torch.Generator().manual_seed(5)
     c = CHANNELS
 
@@ -309,6 +312,32 @@ def test_compiled_query_update_on_small_and_large_maps(batch, height, width, dty
             assert_close(f, r, rtol=TOLERANCE[dtype], name=f"compiled query update {name}")
         else:
             assert_low_precision_close(f, r, o, dtype, name=f"compiled query update {name}")
+
+
+# What each switched-off CPU path leaves to ATen: the blocks' layer norms and the query update's
+# convolutions.
+CPU_PATH_STAND_INS = {blocks.FEED_FORWARD_BLOCK: "aten::native_layer_norm_backward",
+                      blocks.QUERY_UPDATE_BLOCK: "aten::convolution_backward"}
+
+
+@pytest.mark.parametrize("op", list(CPU_PATH_STAND_INS))
+def test_cpu_paths_switch_takes_the_aten_composition(op, compiled_extension):
+    """With the CPU paths off the compiled ops call the ATen ops their CUDA kernels call, and with
+    them on (the default, restored after the block) they do not."""
+    from torch.profiler import profile
+
+    from ipmt_fast.ops.extension import cpu_paths
+
+    case = make_case(op, torch.float64)
+
+    def aten_ops():
+        with profile() as prof:
+            run(case, "compiled", train=True, dropout_p=DROPOUT_P)
+        return {event.key for event in prof.key_averages()}
+
+    with cpu_paths(False):
+        assert CPU_PATH_STAND_INS[op] in aten_ops()
+    assert CPU_PATH_STAND_INS[op] not in aten_ops()
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -350,13 +379,14 @@ OPCHECK_CASES += [pytest.param(op, {}, dtype, id=f"{op}-{str(dtype)[6:]}")
 
 
 @pytest.mark.parametrize("op, options, dtype", OPCHECK_CASES)
-def test_compiled_op_passes_opcheck(op, options, dtype, compiled_extension):
+def test_compiled_op_passes_opcheck(op, options, dtype, either_cpu_paths):
     """Every opcheck test, the forward op in eval mode with its differentiable arguments requiring
     gradients (the ops are tagged nondeterministic_seeded: in train mode two runs draw two masks),
     then its backward op on the forward's own saved tensors. test_schema fails an output that
     aliases an input or another output: against the code before d18550c it fails prediction_head
     (its layer-norm input output was the prototype itself) and, without a norm, the attention and
-    feed-forward blocks (their three empty norm outputs were one tensor)."""
+    feed-forward blocks (their three empty norm outputs were one tensor). Also with the CPU paths
+    off: the outputs' strides of the compositions CUDA runs against the fake's."""
     case = make_case(op, dtype, **options)
     forward = getattr(torch.ops.ipmt_fast, op).default
     args = op_arguments(case, train=False, dropout_p=DROPOUT_P)  # as the model calls it in eval mode

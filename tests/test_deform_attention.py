@@ -4,6 +4,7 @@ published initialisation (every sampling point on a pixel centre) and off it."""
 import pytest
 import torch
 from compare import assert_close, assert_low_precision_close
+from cpu_paths import with_compositions
 
 from ipmt_fast.model.transformer import DeformableSelfAttention
 from ipmt_fast.ops import deformable_self_attention, registry
@@ -82,7 +83,7 @@ CASES = {"60x60-published": (60, 60, "published"), "7x10-published": (7, 10, "pu
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(FUSED_BACKENDS), indirect=True)
 def test_matches_reference(backend, case, dtype):
     """Values and every gradient, on and off the published initialisation's kinks."""
     _skip_unavailable(backend)
@@ -136,7 +137,7 @@ def test_gradcheck(backend):
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_compiled_custom_ops_pass_opcheck(contiguous, compiled_extension):
+def test_compiled_custom_ops_pass_opcheck(contiguous, either_cpu_paths):
     tensors, sizes = make_case(5, 6, channels=6, heads=2, points=3, init="perturbed")
     if not contiguous:
         for name in INPUT_NAMES:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from compare import assert_close, assert_low_precision_close
+from cpu_paths import with_compositions
 
 from ipmt_fast.ops import feed_forward, feed_forward_reference, registry
 from ipmt_fast.ops.ffn import OP_NAME
@@ -40,7 +41,7 @@ def value_and_grads(backend, tensors, hidden_keep, recompute_hidden, seed=1):
 @pytest.mark.parametrize("keep", KEEPS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, FLOAT64_TOL), (torch.float32, FLOAT32_TOL)])
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(FUSED_BACKENDS), indirect=True)
 def test_fused_matches_reference(backend, shape, keep, recompute_hidden, dtype, tol):
     tensors, hidden_keep = inputs(*shape, keep, dtype)
     expected = value_and_grads("reference", tensors, hidden_keep, False)
@@ -165,7 +166,7 @@ def test_registration():
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_compiled_custom_ops_pass_opcheck(contiguous, compiled_extension):
+def test_compiled_custom_ops_pass_opcheck(contiguous, either_cpu_paths):
     (x, w1, w2), keep = inputs(2, 5, 4, 12, 4, "random")
     if not contiguous:
         x = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()

@@ -99,11 +99,21 @@ def _check_available(backend, device):
             pytest.skip(str(err))
 
 
+# The compiled backend also with its CPU-only paths off (on the CPU): the ATen compositions and
+# library convolutions its CUDA kernels run.
+BACKEND_CASES = [pytest.param(b, d, True, id=f"{b}-{d}") for b in FUSED_BACKENDS for d in DTYPES[b]]
+BACKEND_CASES += [pytest.param("compiled", d, False, id=f"compiled-without-cpu-paths-{d}") for d in DTYPES["compiled"]]
+
+
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend,dtype", [(b, d) for b in FUSED_BACKENDS for d in DTYPES[b]])
-def test_full_model_matches_reference(backend, dtype, device, init):
+@pytest.mark.parametrize("backend,dtype,cpu_paths", BACKEND_CASES)
+def test_full_model_matches_reference(backend, dtype, cpu_paths, device, init, request):
     _check_available(backend, device)
+    if not cpu_paths:
+        if device != "cpu":
+            pytest.skip("the CPU paths switch changes nothing on CUDA")
+        request.getfixturevalue("without_cpu_paths")
     tol = TOLERANCE[dtype]
     # The float64 oracle is the reference on the CPU: on an H100 the CUDA reference's first calls
     # were measured 5e-8 (relative) off it while every later CUDA call, fused or not, agreed with

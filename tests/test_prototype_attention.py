@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from compare import assert_close, assert_low_precision_close
+from cpu_paths import with_compositions
 
 from ipmt_fast.ops import registry
 from ipmt_fast.ops.prototype_attention import (MASKED_LOGIT_BIAS, OP_NAME, _softmax_pool_torch,
@@ -115,7 +116,7 @@ ALGEBRA_BACKENDS = ("torch", "compiled")
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("shots", [1, 3])
 @pytest.mark.parametrize("with_keep", [False, True])
-@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(ALGEBRA_BACKENDS), indirect=True)
 def test_fused_algebra_matches_reference_float64(backend, device, mask_kind, rows, shots, with_keep):
     case = make_case(rows=rows, shots=shots, mask_kind=mask_kind, with_keep=with_keep, seed=rows * 10 + shots)
     assert_matches(run(backend, case, torch.float64, device), truth(case, torch.float64), FLOAT64_TOLERANCE,
@@ -123,7 +124,7 @@ def test_fused_algebra_matches_reference_float64(backend, device, mask_kind, row
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(ALGEBRA_BACKENDS), indirect=True)
 def test_fused_algebra_in_float32(backend, device):
     case = make_case(rows=2, shots=3, with_keep=True, mask_kind="one_row_all_false")
     assert_matches(run(backend, case, torch.float32, device), truth(case, torch.float32), FLOAT32_TOLERANCE,
@@ -366,7 +367,7 @@ def test_triton_custom_ops_pass_opcheck(device, with_keep):
 
 @pytest.mark.parametrize("with_keep", [False, True], ids=["no-keep", "keep"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_custom_ops_pass_opcheck(device, with_keep, compiled_extension):
+def test_compiled_custom_ops_pass_opcheck(device, with_keep, either_cpu_paths):
     """Transposed tokens (as IPMT flattens its maps): the fakes declare contiguous results."""
     case = make_case(rows=2, shots=2, with_keep=with_keep, transposed_tokens=True)
     leaf = lambda t: t.to(device).requires_grad_()  # noqa: E731

@@ -7,6 +7,7 @@ TRITON_INTERPRET=1), so its shapes stay small; the CUDA tests run compiled kerne
 import pytest
 import torch
 from compare import assert_close, assert_low_precision_close
+from cpu_paths import with_compositions
 
 from ipmt_fast.ops import prototype_mask_logits, prototype_query_update, registry
 from ipmt_fast.ops.query_activation import (MASK_LOGIT_THRESHOLD, MASK_LOGITS_OP, QUERY_UPDATE_OP,
@@ -141,19 +142,19 @@ UPDATE_SHAPES = [(1, 37, 24), (2, 37, 24), (2, 67, 72)]
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
-@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(ALGEBRA_BACKENDS), indirect=True)
 def test_mask_logits_fused_algebra_float64(backend, shape, contiguous):
     check_mask_logits(backend, shape, torch.float64, FLOAT64_TOL, contiguous=contiguous)
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", UPDATE_SHAPES, ids=str)
-@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(ALGEBRA_BACKENDS), indirect=True)
 def test_query_update_fused_algebra_float64(backend, shape, contiguous):
     check_query_update(backend, shape, torch.float64, FLOAT64_TOL, contiguous=contiguous)
 
 
-@pytest.mark.parametrize("backend", ALGEBRA_BACKENDS)
+@pytest.mark.parametrize("backend", with_compositions(ALGEBRA_BACKENDS), indirect=True)
 def test_fused_algebra_float32(backend):
     check_mask_logits(backend, (2, 2, 67, 72), torch.float32, FLOAT32_TOL)
     check_query_update(backend, (2, 67, 72), torch.float32, FLOAT32_TOL)

@@ -19,6 +19,8 @@ when it ends: it takes tens of seconds, at the first call that needs the library
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -28,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 
@@ -222,6 +224,26 @@ def load_extension() -> str:
 def built_with_cuda() -> bool:
     """Whether the loaded library has CUDA kernels (it registered ``ms_deform_sample`` for CUDA)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::ms_deform_sample", "CUDA")
+
+
+@contextlib.contextmanager
+def cpu_paths(enabled: bool) -> Iterator[None]:
+    """Turn the compiled ops' CPU-only paths on or off inside the ``with`` block.
+
+    On the CPU in float32 and float64 the compiled ops run their pointwise and normalisation work
+    as loops of their own and the query update's convolutions on small maps as patch rows
+    (``csrc/cpu_loops.h``, ``csrc/patch_conv.h``). With ``enabled=False`` they run the ATen
+    compositions and library convolutions that their CUDA kernels run instead, so that arithmetic
+    can be tested and debugged without a GPU. The switch is process-wide (every thread), not
+    thread-local; the previous setting is restored on exit. Builds the library if needed.
+    """
+    setter = ctypes.CDLL(load_extension()).ipmt_fast_set_cpu_paths
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    previous = setter(int(bool(enabled)))
+    try:
+        yield
+    finally:
+        setter(previous)
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
