@@ -477,6 +477,34 @@ def count_dispatches(fn: Callable[[], object]) -> dict:
     return {"ops": counter.total, "inner_ops": counter.inner_total, "host_syncs": len(counter.host_syncs)}
 
 
+# The ops whose arithmetic no fusion removes: convolutions and matrix products (their CPU kernels;
+# the patch-row convolution's products are mm calls of its own).
+DENSE_OPS = frozenset({"aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+                       "aten::_slow_conv2d_backward", "aten::slow_conv_dilated2d",
+                       "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"})
+
+
+# Profiled calls per dense time: the least is kept (an op's time under the profiler is wall time,
+# which a descheduled thread inflates).
+DENSE_TIME_CALLS = 3
+
+
+def dense_time_ms(fn: Callable[[], object], device: torch.device, calls: int = DENSE_TIME_CALLS) -> Optional[float]:
+    """Milliseconds a call of ``fn`` spends inside ``DENSE_OPS`` (their self time under
+    ``torch.profiler``, the least of ``calls`` calls), on the CPU; None elsewhere. A reference time
+    over it is the largest speedup that fusing everything else could give."""
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    times = []
+    for _ in range(calls):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        times.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in DENSE_OPS) / 1e3)
+    return min(times)
+
+
 def count_cuda_kernels(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """CUDA kernels ``fn`` launches in one call, as ``torch.profiler`` reports them (memory copies
     and sets left out; kernels replayed from a CUDA graph included); None off CUDA."""

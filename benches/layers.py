@@ -437,6 +437,8 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
                 row.update(host_work(name, variants[name], device))
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 row["count_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if args.dense_time:
+            row["dense_ms"] = common.dense_time_ms(variants[name], device)
         if args.saved_breakdown and pool_bytes is None:
             print_saved_breakdown(variants[name], bench, f"{bench.name} L={bench.num_layers} {dtype_name} {name}",
                                   args.saved_breakdown, log)
@@ -507,6 +509,8 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
                             ("vs_compile_max_autotune", MAX_AUTOTUNE_VARIANT)):
             if key in compiled.get(name, {}) and r["variant"] != name:
                 row[field] = compiled[name][key]["median_ms"] / r["median_ms"]
+        if r.get("dense_ms"):  # were all but the convolutions and matrix products free
+            row["ceiling"] = ref["median_ms"] / r["dense_ms"]
         for field in ("saved_bytes", "peak_bytes", "rss_rise_bytes", "ops", "cuda_kernels"):
             if r.get(field) is not None and ref.get(field):
                 row[f"{field}_ratio"] = r[field] / ref[field]
@@ -528,6 +532,7 @@ TABLE_COLUMNS = [
     ("ops", lambda r: common.fmt_count(r.get("ops"))), ("in custom ops", lambda r: common.fmt_count(r.get("inner_ops"))),
     ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
     ("kernels", lambda r: common.fmt_count(r.get("cuda_kernels"))),
+    ("dense ms", lambda r: common.fmt_ms(r.get("dense_ms"))),
 ]
 SLOPE_COLUMNS = [
     ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layer_counts"),
@@ -548,6 +553,7 @@ RATIO_COLUMNS = [
     ("compile/fused", lambda r: common.fmt_ratio(r.get("vs_compile"))),  # same setting (compiled_reference_for)
     ("(paired)", lambda r: common.fmt_ratio(r.get("vs_compile_paired"))),
     ("max-autotune/fused", lambda r: common.fmt_ratio(r.get("vs_compile_max_autotune"))),
+    ("ref/dense", lambda r: common.fmt_ratio(r.get("ceiling"))),
     ("ops fused/ref", lambda r: common.fmt_fraction(r.get("ops_ratio"))),
     ("saved fused/ref", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
     ("peak fused/ref", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}"),
@@ -596,6 +602,10 @@ def parse_args(argv=None):
     p.add_argument("--no-op-count", action="store_true", help="skip counting ops dispatched and kernels launched")
     p.add_argument("--saved-breakdown", type=int, default=0, metavar="K",
                    help="print the K largest saving sites (source line, shape) of each variant's saved tensors")
+    p.add_argument("--dense-time", action="store_true",
+                   help="CPU: profile one more call of each variant and report the time in its convolutions and "
+                        "matrix products (dense ms), and the reference's time over it (ref/dense): the largest "
+                        "speedup fusing everything else could give")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", help="file name stem of the outputs (default layers, layers-host for --regime host)")
     p.add_argument("--no-plot", action="store_true")

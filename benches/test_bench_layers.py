@@ -69,7 +69,7 @@ def tiny_run(tmp_path_factory):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = "reference,auto" + (",auto+graphs" if device == "cuda" else "")
     layers.main(["--bench", "transformer,step", "--device", device, "--backends", variants, "--out", str(out),
-                 *TINY])
+                 "--dense-time", *TINY])
     return out, json.loads((out / "layers.json").read_text())
 
 
@@ -109,3 +109,22 @@ def test_summary_prints_ops_per_layer_against_the_reference(tiny_run, capsys):
     work = {(r["bench"], r["variant"]): r for r in summary.host_work_rows([dict(run, tag="layers")])}
     assert work[("transformer", "auto")]["ops_ratio"] == pytest.approx(ratio)
     assert f" {ratio:.2f} " in printed
+
+
+def test_dense_time_and_its_ceiling(tiny_run):
+    """On the CPU every call spends some time in convolutions and matrix products; the ratio row's
+    ceiling is the reference's time over the variant's dense time."""
+    _, run = tiny_run
+    rows = [r for r in run["rows"] if r.get("median_ms") is not None]
+    if torch.cuda.is_available():  # the tiny run's device
+        assert all(r["dense_ms"] is None for r in rows)
+        return
+    for r in rows:
+        assert r["dense_ms"] > 0, r
+    refs = {(r["bench"], r["num_layers"]): r for r in rows if r["variant"] == "reference"}
+    for ratio in run["ratios"]:
+        ref = refs[(ratio["bench"], int(ratio["shape"].rsplit("L", 1)[1]))]
+        fused = next(r for r in rows if r["variant"] == ratio["backend"] and r["bench"] == ratio["bench"]
+                     and r["median_ms"] == ratio["ms"])
+        assert ratio["ceiling"] == pytest.approx(ref["median_ms"] / fused["dense_ms"])
+

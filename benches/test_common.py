@@ -61,3 +61,12 @@ def test_quiet_gate_keeps_every_sample():
                                        repeats=2, quiet_wait_s=0.6, log=lambda _: None)
     assert stats["ok"].n == 2 and stats["ok"].retaken >= 0 and stats["ok"].disturbed >= 0
     assert common.OtherProcessesClock().start().seconds() >= 0
+
+
+def test_dense_time_counts_matrix_products_only():
+    a = torch.randn(256, 256)
+    only_pointwise = common.dense_time_ms(lambda: (a + 1).relu_().exp_(), torch.device("cpu"))
+    with_products = common.dense_time_ms(lambda: ((a @ a) + 1).relu_(), torch.device("cpu"))
+    assert only_pointwise == 0.0
+    assert with_products > 0.0
+    assert common.dense_time_ms(lambda: a @ a, torch.device("meta")) is None
