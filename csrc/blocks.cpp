@@ -4,8 +4,9 @@
 // sizes the host issuing ops sets a GPU's pace, so a transformer layer is a handful of these calls.
 //
 // Dropout masks are drawn inside, exactly as the Python compositions draw them (bernoulli_ on a
-// bool tensor of the same shape, in the same order: ipmt_fast/ops/_dropout.py), so every backend
-// applies the same masks from the same seed; each mask is returned and saved for backward.
+// bool tensor of the same shape, in the same order: ipmt_fast/ops/_dropout.py; on the CPU the same
+// masks from one loop, dropout_draws.h), so every backend applies the same masks from the same
+// seed; each mask is returned and saved for backward.
 //
 // Precision: `compute_dtype` (set by the autocast rule, autograd.cpp) is the dtype the matrix
 // products run in, as autocast would cast them; residual sums follow type promotion, and layer
@@ -15,6 +16,7 @@
 #include <cmath>
 
 #include "cpu_loops.h"
+#include "dropout_draws.h"
 #include "fused_ops.h"
 #include "patch_conv.h"
 
@@ -54,12 +56,16 @@ double keep_scale(double p) { return p == 1.0 ? 0.0 : 1.0 / (1.0 - p); }
 // A bool keep mask of `shape`, or an empty tensor when nothing is dropped.
 Tensor draw_keep(const Tensor& like, at::IntArrayRef shape, double p, bool train) {
   if (!train || p == 0.0) return nothing(like, at::kBool);
+  if (dropout_draw_loop_applies(like)) return draw_keep_mask(shape, 1.0 - p);
   return at::empty(shape, like.options().dtype(at::kBool)).bernoulli_(1.0 - p);
 }
 
 // A multiplier of `shape` in `dtype` (0 or 1 / (1 - p)), or an empty tensor when nothing is dropped.
 Tensor draw_multiplier(const Tensor& like, at::IntArrayRef shape, at::ScalarType dtype, double p, bool train) {
   if (!train || p == 0.0) return nothing(like, dtype);
+  if ((dtype == at::kFloat || dtype == at::kDouble) && dropout_draw_loop_applies(like)) {
+    return draw_keep_multiplier(shape, dtype, 1.0 - p, keep_scale(p));
+  }
   Tensor multiplier = at::empty(shape, like.options().dtype(dtype)).bernoulli_(1.0 - p);
   return mul_scalar_(multiplier, keep_scale(p));
 }

@@ -314,6 +314,41 @@ def test_compiled_query_update_on_small_and_large_maps(batch, height, width, dty
             assert_low_precision_close(f, r, o, dtype, name=f"compiled query update {name}")
 
 
+# Dropout probabilities for the masks' check: IPMT's, the suite's, and ones whose keep probability
+# is not a multiple of 2^-53 (the loop's threshold rounds up).
+DRAW_PROBABILITIES = (0.1, DROPOUT_P, 0.5, 1 / 3, 1.0)
+
+
+@pytest.mark.parametrize("p", DRAW_PROBABILITIES, ids=lambda p: f"p{p:.3g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compiled_masks_are_bernoullis(p, dtype, either_cpu_paths):
+    """The masks the compiled attention and FFN blocks draw (a multiplier in the matrix products'
+    dtype, then bool masks; csrc/dropout_draws.cpp on the CPU) equal, bit for bit, what
+    ipmt_fast/ops/_dropout.py draws with bernoulli_ from the same seed, in the same order, and leave
+    the generator where it leaves it, on maps large enough for many turns of the generator's
+    624-word state."""
+    from ipmt_fast.ops._dropout import draw_keep, draw_multiplier
+
+    b, m, n, c = 3, 2, 1500, 8
+    prototype, tokens = torch.randn(b, m, c, dtype=dtype), torch.randn(b, n, c, dtype=dtype)
+    weights = [torch.randn(c, c, dtype=dtype) for _ in range(4)]
+    ffn_weights = torch.randn(3 * c, c, dtype=dtype), torch.randn(c, 3 * c, dtype=dtype)
+    token_mask = torch.ones(b, n, dtype=torch.bool)
+    torch.manual_seed(DROPOUT_SEED)
+    out = torch.ops.ipmt_fast.prototype_attention_block(prototype, tokens, token_mask, *weights, None, None,
+                                                        blocks.LAYER_NORM_EPS, c ** -0.5, MASKED_LOGIT_BIAS, p, True)
+    hidden = torch.ops.ipmt_fast.feed_forward_block(tokens, *ffn_weights, None, None, blocks.LAYER_NORM_EPS, p,
+                                                    True, False)
+    after = torch.rand(4)
+    torch.manual_seed(DROPOUT_SEED)
+    expected = [draw_multiplier(prototype, (b, m, n), dtype, p, True), draw_keep(prototype, (b, m, c), p, True),
+                draw_keep(tokens, (b, n, 3 * c), p, True), draw_keep(tokens, (b, n, c), p, True)]
+    for got, want, name in zip((out[1], out[2], hidden[1], hidden[2]), expected,
+                               ("attention multiplier", "projection mask", "hidden mask", "output mask")):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert torch.equal(after, torch.rand(4)), "the generator's state after the draws"
+
+
 # What each switched-off CPU path leaves to ATen: the blocks' layer norms and the query update's
 # convolutions.
 CPU_PATH_STAND_INS = {blocks.FEED_FORWARD_BLOCK: "aten::native_layer_norm_backward",

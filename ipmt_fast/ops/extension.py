@@ -38,10 +38,10 @@ EXTENSION_NAME = "ipmt_fast_ops"
 # The operator namespace the library registers (``torch.ops.ipmt_fast``).
 NAMESPACE = "ipmt_fast"
 CPU_SOURCES = ("ops.cpp", "ms_deform_sample_cpu.cpp", "fused_ops.cpp", "cpu_loops.cpp", "patch_conv.cpp",
-               "blocks.cpp", "autograd.cpp")
+               "dropout_draws.cpp", "blocks.cpp", "autograd.cpp")
 CUDA_SOURCES = ("ms_deform_sample_cuda.cu", "ms_deform_sample_cuda_ops.cpp")
 HEADERS = ("ms_deform_sample.h", "ms_deform_sample_binding.h", "ms_deform_sample_cuda.h", "fused_ops.h",
-           "patch_conv.h", "cpu_loops.h", "tensor_utils.h")
+           "patch_conv.h", "cpu_loops.h", "dropout_draws.h", "tensor_utils.h")
 # -ffp-contract=off: a product and a sum stay two roundings unless the code asks for a fused
 # multiply-add (the deformable sampling reproduces grid_sample's rounding, ms_deform_sample.h).
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")

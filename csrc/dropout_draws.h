@@ -1,0 +1,29 @@
+// Dropout masks drawn on the CPU in one loop, the same masks at::bernoulli_ draws (dropout_draws.cpp).
+//
+// The ops draw every dropout mask as the Python compositions do, at::bernoulli_(1 - p) from the
+// default generator, so that every backend drops the same units from one seed. On the CPU ATen's
+// portable path draws one element at a time through TensorIterator and the generator's
+// out-of-line random64(): at IPMT's published size the transformer's draws were half of what it
+// spends outside convolutions and matrix products. The loop here takes the same two words of the
+// generator's mt19937 per element, makes the same 53-bit uniform and compares it with the same
+// probability, inline: 1.8x faster for 4.1M elements (IPMT's FFN hidden mask at 473 px), 1.8x for
+// 4608 (NOTES.md, 2026-12-07). Where at::bernoulli_ draws otherwise (with MKL's generator on Intel CPUs),
+// a check at first use finds the masks differ and the ops keep calling at::bernoulli_.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace ipmt {
+
+// Whether the loop draws for tensors like `like`: on the CPU, the CPU paths enabled (cpu_loops.h)
+// and at::bernoulli_ found to draw the same masks in this process.
+bool dropout_draw_loop_applies(const at::Tensor& like);
+
+// at::empty(shape, bool).bernoulli_(keep_probability) from the default CPU generator.
+at::Tensor draw_keep_mask(at::IntArrayRef shape, double keep_probability);
+
+// at::empty(shape, dtype).bernoulli_(keep_probability).mul_(scale) from the default CPU generator,
+// `dtype` float32 or float64.
+at::Tensor draw_keep_multiplier(at::IntArrayRef shape, at::ScalarType dtype, double keep_probability, double scale);
+
+}  // namespace ipmt
