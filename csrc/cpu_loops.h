@@ -16,10 +16,10 @@
 
 namespace ipmt {
 
-// Whether the CPU-only paths (these loops and the patch-row convolution, patch_conv.h) may be
-// taken. Switched off (ipmt_fast_set_cpu_paths below), the ops run the ATen compositions and
-// library convolutions their CUDA kernels run, so the CPU tests the arithmetic a GPU executes.
-// Process-wide, on by default.
+// Whether the CPU-only paths (these loops, the patch-row convolution of patch_conv.h and the
+// dropout-draw loop of dropout_draws.h) may be taken. Switched off (ipmt_fast_set_cpu_paths
+// below), the ops run the ATen compositions, library convolutions and bernoulli_ calls their CUDA
+// kernels run, so the CPU tests the arithmetic a GPU executes. Process-wide, on by default.
 bool cpu_paths_enabled();
 
 // Whether the loops take these tensors: the CPU paths enabled, all on the CPU and contiguous, the

@@ -7,8 +7,9 @@
 // spends outside convolutions and matrix products. The loop here takes the same two words of the
 // generator's mt19937 per element, makes the same 53-bit uniform and compares it with the same
 // probability, inline: 1.8x faster for 4.1M elements (IPMT's FFN hidden mask at 473 px), 1.8x for
-// 4608 (NOTES.md, 2026-12-07). Where at::bernoulli_ draws otherwise (with MKL's generator on Intel CPUs),
-// a check at first use finds the masks differ and the ops keep calling at::bernoulli_.
+// 4608 (NOTES.md, 2026-12-07). Where at::bernoulli_ draws otherwise (with MKL's generator on
+// Intel CPUs), a check at first use finds the masks differ and the ops keep calling at::bernoulli_;
+// with the CPU paths off (cpu_loops.h) they call it too, as on CUDA.
 #pragma once
 
 #include <ATen/ATen.h>

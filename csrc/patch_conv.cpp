@@ -95,7 +95,10 @@ at::Tensor rows_as_map(const at::Tensor& rows, const Geometry& g) {
 
 bool patch_conv_applies(const at::Tensor& input, const at::Tensor& weight) {
   const auto dtype = input.scalar_type();
-  if (!cpu_paths_enabled() || !input.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || weight.scalar_type() != dtype) return false;
+  if (!cpu_paths_enabled() || !input.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) ||
+      weight.scalar_type() != dtype) {
+    return false;
+  }
   if (input.dim() != 4 || weight.dim() != 4 || !weight.is_contiguous() || weight.size(1) != input.size(1)) {
     return false;
   }

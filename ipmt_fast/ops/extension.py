@@ -231,10 +231,11 @@ def cpu_paths(enabled: bool) -> Iterator[None]:
     """Turn the compiled ops' CPU-only paths on or off inside the ``with`` block.
 
     On the CPU in float32 and float64 the compiled ops run their pointwise and normalisation work
-    as loops of their own and the query update's convolutions on small maps as patch rows
-    (``csrc/cpu_loops.h``, ``csrc/patch_conv.h``). With ``enabled=False`` they run the ATen
-    compositions and library convolutions that their CUDA kernels run instead, so that arithmetic
-    can be tested and debugged without a GPU. The switch is process-wide (every thread), not
+    as loops of their own, the query update's convolutions on small maps as patch rows and their
+    dropout draws as one loop (the same masks as ``bernoulli_``; ``csrc/cpu_loops.h``,
+    ``csrc/patch_conv.h``, ``csrc/dropout_draws.h``). With ``enabled=False`` they run the ATen
+    compositions, library convolutions and ``bernoulli_`` calls that their CUDA kernels run
+    instead, so that arithmetic can be tested and debugged without a GPU. The switch is process-wide (every thread), not
     thread-local; the previous setting is restored on exit. Builds the library if needed.
     """
     setter = ctypes.CDLL(load_extension()).ipmt_fast_set_cpu_paths
