@@ -27,7 +27,9 @@ using Accumulate = double;
 bool defined(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
 // Rows per parallel task: about ATen's grain of elements, at least one row.
-int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
+int64_t rows_per_task(int64_t width) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));
+}
 
 // The float64 sum of term(j) over j < width in four interleaved partial sums: a single running
 // sum waits on each addition's latency (a third of the layer norm's time at 384 channels).
@@ -189,10 +191,8 @@ void residual_norm_backward_rows(const at::Tensor& grad_out, const at::Tensor& s
   }
 }
 
-}  // namespace
-
-namespace {
 std::atomic<bool> cpu_paths_on{true};
+
 }  // namespace
 
 bool cpu_paths_enabled() { return cpu_paths_on.load(std::memory_order_relaxed); }
