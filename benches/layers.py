@@ -8,10 +8,11 @@ network's training step (forward + backward + optimizer step), every backend sid
 
 For each layer count L one model is built (seeded, so every L starts from the same kind of
 weights) and every variant runs on that same model (``backend`` is switched between calls),
-interleaved round by round after warm-up. A variant is ``<backend>[+recompute][+graphs]``:
+interleaved round by round after warm-up. A variant is ``<backend>[+recompute][+channels_last][+graphs]``:
 backends are those of ``ipmt_fast.ops.registry.BACKENDS`` that are registered for at least one op
 and can run on the device (the others are skipped with the reason), and ``auto``; ``+recompute``
-turns on ``recompute_ffn``; ``+graphs`` (CUDA only) captures the whole timed call in a CUDA graph
+turns on ``recompute_ffn``; ``+channels_last`` (step bench) runs the feature maps channels-last
+(``IPMT.set_channels_last``); ``+graphs`` (CUDA only) captures the whole timed call in a CUDA graph
 and replays it (transformer: forward + backward; step: ``ipmt_fast.train.GraphedStep``).
 ``--compile-layers`` adds ``torch.compile`` variants at those layer counts (transformer bench only):
 ``compile(<backend>[,<setting>])`` compiles a copy of the transformer configured as ``<backend>``;
@@ -38,7 +39,7 @@ import argparse
 import contextlib
 import copy
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch._dynamo
@@ -95,18 +96,29 @@ HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto),compile(refere
 # transformer's FFNs recompute their hidden activations in backward instead of keeping them
 # (``recompute_ffn``); +graphs, the timed call is captured in a CUDA graph and replayed.
 RECOMPUTE_SUFFIX = "+recompute"
+CHANNELS_LAST_SUFFIX = "+channels_last"
 GRAPHS_SUFFIX = "+graphs"
 # Variants run by default, after every runnable backend: what users get, and its graphed forms.
 DEFAULT_EXTRA_VARIANTS = ("auto", "auto" + RECOMPUTE_SUFFIX)
 DEFAULT_GRAPH_VARIANTS = ("reference" + GRAPHS_SUFFIX, "auto" + GRAPHS_SUFFIX)
 
 
-def split_variant(variant: str) -> Tuple[str, bool, bool]:
-    """``(backend, recompute_ffn, graphs)`` of a variant ``<backend>[+recompute][+graphs]``."""
-    graphed = variant.endswith(GRAPHS_SUFFIX)
-    rest = variant.removesuffix(GRAPHS_SUFFIX)
-    backend = rest.removesuffix(RECOMPUTE_SUFFIX)
-    return backend, backend != rest, graphed
+class Variant(NamedTuple):
+    backend: str
+    recompute: bool
+    graphed: bool
+    channels_last: bool = False
+
+
+def split_variant(variant: str) -> Variant:
+    """The parts of a variant ``<backend>[+recompute][+channels_last][+graphs]`` (in that order)."""
+    rest = variant
+    flags = []
+    for suffix in (GRAPHS_SUFFIX, CHANNELS_LAST_SUFFIX, RECOMPUTE_SUFFIX):
+        flags.append(rest.endswith(suffix))
+        rest = rest.removesuffix(suffix)
+    graphed, channels_last, recompute = flags
+    return Variant(rest, recompute, graphed, channels_last)
 
 
 def parse_compile_variant(variant: str) -> Optional[Tuple[str, Optional[str]]]:
@@ -136,9 +148,14 @@ def parse_compile_list(text: str) -> List[str]:
 
 def configure(model: torch.nn.Module, variant: str) -> None:
     """Set ``model`` (an ``IPMT`` or ``IPMTransformer``) up as ``variant``."""
-    backend, recompute, _ = split_variant(variant)
-    model.set_backend(backend)
-    model.set_recompute_ffn(recompute)
+    parts = split_variant(variant)
+    model.set_backend(parts.backend)
+    model.set_recompute_ffn(parts.recompute)
+    if parts.channels_last:
+        if not hasattr(model, "set_channels_last"):
+            raise ValueError(f"variant {variant!r}: {CHANNELS_LAST_SUFFIX} applies to the whole network "
+                             "(the step bench), not to the transformer alone")
+        model.set_channels_last(True)
 
 
 def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None, log=print) -> List[str]:
@@ -152,7 +169,8 @@ def candidate_backends(device: torch.device, wanted: Optional[List[str]] = None,
     defaults = (*registry.BACKENDS, *DEFAULT_EXTRA_VARIANTS) + (DEFAULT_GRAPH_VARIANTS if device.type == "cuda" else ())
     chosen = []
     for variant in wanted or defaults:
-        backend, _, graphed = split_variant(variant)
+        parts = split_variant(variant)
+        backend, graphed = parts.backend, parts.graphed
         if graphed and device.type != "cuda":
             log(f"# skipping {variant!r}: CUDA graphs need a CUDA device, this run is on {device.type}")
             continue
@@ -330,7 +348,7 @@ class StepBench:
         if variant not in self._copies:
             model = copy.deepcopy(self.model)
             configure(model, variant)
-            published = split_variant(variant)[0] == "reference"
+            published = split_variant(variant).backend == "reference"
             self._copies[variant] = model, self.make_optimizers(model, published)
         return self._copies[variant]
 
@@ -384,7 +402,7 @@ def build_variants(bench, backends: List[str], compile_variants: List[str], dtyp
     """The timed call of every variant (``compile(...)`` ones compile lazily, at their first call)."""
     variants = {}
     for variant in backends:
-        graphed = split_variant(variant)[2]
+        graphed = split_variant(variant).graphed
         variants[variant] = bench.graphed_runner(variant, dtype_name) if graphed else bench.runner(variant, dtype_name)
     for variant in compile_variants:
         backend, setting = parse_compile_variant(variant)

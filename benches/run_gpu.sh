@@ -11,8 +11,9 @@
 #                 torch.compile(reference) in the default and the reduce-overhead mode, and the
 #                 benches' host-bound mode (--regime host, eager and graphs: the compiled variants
 #                 are the stages above);
-#   (c) the rest, as long as time is left: torch.compile(auto), the other CUDA tests, the transformer
-#       and step over L 1,3,5,8 in bf16 and fp32, max-autotune, the op benches, the whole suite.
+#   (c) the rest, as long as time is left: torch.compile(auto), the other CUDA tests, the step with
+#       channels-last maps, the transformer and step over L 1,3,5,8 in bf16 and fp32, max-autotune,
+#       the op benches, the whole suite.
 #
 #   bash benches/run_gpu.sh
 #   bash benches/run_gpu.sh --dry-run     # every stage, its group, limit and latest start; runs nothing
@@ -47,7 +48,7 @@ export PYTHONUNBUFFERED=1
 # (b) 240 s
 : "${T_B4:=80}" "${T_COMPILE:=60}" "${T_COMPILE_RO:=60}" "${T_HOST:=40}"
 # (c) what is left
-: "${T_COMPILE_AUTO:=60}" "${T_TESTS_CUDA_FIRST:=100}" "${T_SWEEP:=120}" "${T_MAX_AUTOTUNE:=150}"
+: "${T_COMPILE_AUTO:=60}" "${T_CHANNELS_LAST:=60}" "${T_TESTS_CUDA_FIRST:=100}" "${T_SWEEP:=120}" "${T_MAX_AUTOTUNE:=150}"
 : "${T_OPS:=80}" "${T_TESTS_CUDA:=100}" "${T_OPS_COMPILE:=80}" "${T_TESTS_ALL:=120}"
 START=$SECONDS
 # Dry run: no time passes, so the latest start of each stage is worked out as if every earlier
@@ -187,7 +188,6 @@ stage b layers-host "$T_HOST" $PY -m benches.layers --regime host --compile-laye
 # ------------------------------------------------------------------------------------------- (c)
 stage c layers-b4-compile-auto "$T_COMPILE_AUTO" "${LAYERS[@]}" --bench transformer \
     --backends reference,auto+graphs --compile-layers 5 --compile-variants "compile(auto)" --tag layers-b4-compile-auto
-
 # The other CUDA tests (every test or parameter named 'cuda'): first the files whose CUDA tests
 # have not all passed on a GPU yet, then the rest.
 FIRST_TESTS=(tests/test_query_activation.py tests/test_deform_sample.py tests/test_deform_attention.py
@@ -196,6 +196,11 @@ DESELECT_NEW=()
 for t in "${NEW_CUDA_TESTS[@]}"; do [[ $t == *::* ]] && DESELECT_NEW+=("--deselect=$t"); done
 stage c tests-cuda-first "$T_TESTS_CUDA_FIRST" "${PYTEST[@]}" --maxfail=20 --junitxml="$RESULTS/tests-cuda-first.xml" \
     "${FIRST_TESTS[@]}" -k cuda "${DESELECT_NEW[@]}"
+
+# The step with the feature maps channels-last (cuDNN's tensor-core convolutions take NHWC),
+# eager and graphed, beside the contiguous ones.
+stage c layers-b4-channels-last "$T_CHANNELS_LAST" "${LAYERS[@]}" --bench step \
+    --backends reference,auto,auto+channels_last,auto+graphs,auto+channels_last+graphs --tag layers-b4-channels-last
 
 # More layer counts (per-layer slopes of time, ops and kernels) and fp32, every default variant.
 stage c layers-sweep "$T_SWEEP" $PY -m benches.layers --bench transformer,step --layers 1,3,5,8 --batch 4 \

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import ipmt_fast
+
 from . import layers, summary
 
 TINY = ["--layers", "1,2", "--image-size", "17", "--width", "16", "--warmup", "1", "--repeats", "1",
@@ -14,9 +16,10 @@ TINY = ["--layers", "1,2", "--image-size", "17", "--width", "16", "--warmup", "1
 
 
 def test_variant_names():
-    assert layers.split_variant("auto") == ("auto", False, False)
-    assert layers.split_variant("auto+recompute+graphs") == ("auto", True, True)
-    assert layers.split_variant("reference+graphs") == ("reference", False, True)
+    assert layers.split_variant("auto") == ("auto", False, False, False)
+    assert layers.split_variant("auto+recompute+graphs") == ("auto", True, True, False)
+    assert layers.split_variant("reference+graphs") == ("reference", False, True, False)
+    assert layers.split_variant("auto+recompute+channels_last") == ("auto", True, False, True)
     assert layers.parse_compile_variant("compile(reference,max-autotune)") == ("reference", "max-autotune")
     assert layers.parse_compile_variant("compile(auto)") == ("auto", None)
     assert layers.parse_compile_variant("auto") is None
@@ -49,6 +52,14 @@ def test_graph_variants_only_on_cuda():
     assert any("'auto+graphs'" in line and "CUDA device" in line for line in logged)
     defaults = layers.candidate_backends(torch.device("cpu"), log=lambda _: None)
     assert not any(v.endswith(layers.GRAPHS_SUFFIX) for v in defaults)
+
+
+def test_channels_last_variant_configures_the_network_only():
+    model = ipmt_fast.IPMT(reduce_dim=16, num_layers=1, backend="reference")
+    layers.configure(model, "auto+channels_last")
+    assert model.backend == "auto" and model.map_layout == torch.channels_last
+    with pytest.raises(ValueError, match=r"\+channels_last applies to the whole network"):
+        layers.configure(model.transformer, "auto+channels_last")
 
 
 def test_host_regime_sets_its_shapes_and_explicit_options_win():

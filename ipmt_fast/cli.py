@@ -43,6 +43,12 @@ def _add_data_args(p: argparse.ArgumentParser, with_train: bool) -> None:
     g.add_argument("--seed", dest="manual_seed", type=int, help="seed of the episodes and the run (default 123)")
 
 
+def _add_channels_last_arg(g) -> None:
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the feature maps channels-last: same values up to rounding, faster where the "
+                        "device's convolutions prefer it (large images on a CPU, see NOTES.md)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=int, choices=(50, 101), help="backbone depth")
@@ -51,6 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=BACKEND_CHOICES, help="op backend (default auto)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     g.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype (default none)")
+    _add_channels_last_arg(g)
     _add_cuda_graphs_arg(g)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model as one graph (fullgraph) for training and evaluation; the "
@@ -136,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-layers", type=int, help="transformer layers (published checkpoints: 5)")
     pr.add_argument("--backend", choices=BACKEND_CHOICES, help="op backend (default auto)")
     pr.add_argument("--device", help="cpu, cuda or cuda:N")
+    _add_channels_last_arg(pr)
     _add_cuda_graphs_arg(pr)
 
     bd = sub.add_parser("build", help="build the compiled ops ahead of the first model call",
@@ -192,7 +200,7 @@ def _load_model(cfg, state, device):
     from .train.trainer import model_arch
 
     # Values are checked on the host by the data layer (eval) or from the files read (predict).
-    model = IPMT(backend=cfg.backend, check_values=False, **model_arch(cfg))
+    model = IPMT(backend=cfg.backend, check_values=False, channels_last=cfg.channels_last, **model_arch(cfg))
     load_published_checkpoint(model, state)
     return model.to(device).eval(), torch.device(device)
 

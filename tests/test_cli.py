@@ -53,6 +53,15 @@ def test_recompute_ffn_flag_reaches_the_model(flag, expected):
     assert ffns and all(m.recompute_hidden is expected for m in ffns)
 
 
+@pytest.mark.parametrize("flag, expected", [([], torch.contiguous_format), (["--channels-last"], torch.channels_last)])
+def test_channels_last_flag_reaches_the_model(flag, expected):
+    from ipmt_fast.cli import _overrides, build_parser
+    from ipmt_fast.train.trainer import build_model
+
+    cfg = make_config(None, **_overrides(build_parser().parse_args(["train", *TINY, *flag])))
+    assert build_model(cfg).map_layout == expected
+
+
 def test_module_and_console_entry_points():
     module = subprocess.run([sys.executable, "-m", "ipmt_fast", "eval", "--help"], capture_output=True, text=True,
                             timeout=120)

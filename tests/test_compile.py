@@ -142,6 +142,19 @@ def test_fullgraph_training_step_matches_eager(backend):
     assert_same_step(training_step(compiled, parameters, inputs), expected)
 
 
+def test_channels_last_is_one_graph_and_matches_eager():
+    """With ``channels_last`` the traced step (the folded weights' layout conversion included) is
+    still one graph, and gives eager's losses and gradients."""
+    model, inputs = build("compiled").set_channels_last(True), episode()
+    parameters = dict(model.named_parameters())
+    model.train()
+    expected = training_step(model, parameters, inputs)
+    explanation = torch._dynamo.explain(model)(*inputs)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same_step(training_step(compiled, parameters, inputs), expected)
+
+
 @pytest.fixture
 def eager_random_numbers():
     """Inductor draws dropout masks with its own generator unless told to use eager's."""

@@ -179,3 +179,32 @@ def test_recompute_ffn_changes_nothing(backend):
     assert torch.equal(main_loss, recomputed[1]) and torch.equal(aux_loss, recomputed[2])
     assert grads.keys() == recomputed[3].keys()
     assert all(torch.equal(g, recomputed[3][name]) for name, g in grads.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_channels_last_matches_reference(backend, dtype):
+    """With ``channels_last`` the maps run channels-last from the backbone's first convolution on
+    (checked on its outputs and on the folded weights), and the training step and eval logits
+    equal the contiguous reference's to the backends' tolerance; the gradients keep the
+    parameters' layout."""
+    _check_available(backend, "cpu")
+    expected = run_training_step(build(dtype, "cpu"), dtype, "cpu")
+    model = build(dtype, "cpu").set_backend(backend).set_channels_last(True)
+    layouts = []
+    model.backbone.register_forward_hook(lambda _m, _i, outs: layouts.extend(
+        o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() for o in outs))
+    pred, main_loss, aux_loss, grads, logits = run_training_step(model, dtype, "cpu")
+    assert layouts == [True] * 6  # layer2, layer3, layer4 of the training and the eval forward
+    if backend != "reference":
+        bn = model.backbone.body.layer1[0].bn2
+        assert bn._folded[2].is_contiguous(memory_format=torch.channels_last)
+    tol = TOLERANCE[dtype]
+    assert torch.equal(pred, expected[0])
+    assert_close(main_loss, expected[1], rtol=tol, name="main loss")
+    assert_close(aux_loss, expected[2], rtol=tol, name="aux loss")
+    assert_close(logits, expected[4], rtol=tol, name="eval logits")
+    assert grads.keys() == expected[3].keys()
+    for name, g in grads.items():
+        assert g.is_contiguous(), name
+        assert_close(g, expected[3][name], rtol=tol, name=f"{backend} channels-last gradient of {name}")

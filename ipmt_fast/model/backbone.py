@@ -52,11 +52,13 @@ class FrozenBatchNorm2d(nn.Module):
         """``conv`` then this norm on ``x``: literally, or folded into one conv when ``fold``."""
         if not self.fold:
             return self(conv(x))
-        return conv._conv_forward(x, *self.folded_into(conv))
+        return conv._conv_forward(x, *self.folded_into(conv, map_layout(x)))
 
-    def folded_into(self, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    def folded_into(self, conv: nn.Conv2d, layout: torch.memory_format = torch.contiguous_format
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(weight, bias)`` of the one convolution equal to ``conv`` (no bias) then this norm,
-        from PyTorch's ``fuse_conv_bn_weights``.
+        from PyTorch's ``fuse_conv_bn_weights``, the weight stored in ``layout`` (that of the maps
+        it convolves, so the convolution does not convert it on every call).
 
         Eagerly they are cached and reused while ``conv.weight`` and the four buffers are the same
         tensors (same objects, storage, dtype, device) at the same version, so in-place changes,
@@ -67,22 +69,23 @@ class FrozenBatchNorm2d(nn.Module):
         Weights only, cheap either way; no host-side check enters a graph."""
         sources = (conv.weight, self.weight, self.bias, self.running_mean, self.running_var)
         if torch.compiler.is_compiling():
-            return fold_traceable(*sources, BN_EPS)
+            weight, bias = fold_traceable(*sources, BN_EPS)
+            return weight.contiguous(memory_format=layout), bias
         if (conv.weight.is_cuda and torch.cuda.is_current_stream_capturing()) or any(t.is_inference() for t in sources):
-            return self._fold(conv)
-        states = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
+            return self._fold(conv, layout)
+        states = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources) + (layout,)
         cached = self._folded
         if cached is not None and cached[1] == states and all(r() is t for r, t in zip(cached[0], sources)):
             return cached[2], cached[3]
-        weight, bias = self._fold(conv)
+        weight, bias = self._fold(conv, layout)
         self._folded = (tuple(weakref.ref(t) for t in sources), states, weight, bias)
         return weight, bias
 
-    def _fold(self, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _fold(self, conv: nn.Conv2d, layout: torch.memory_format) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             weight, bias = fuse_conv_bn_weights(conv.weight, None, self.running_mean, self.running_var, BN_EPS,
                                                 self.weight, self.bias)
-        return weight.detach(), bias.detach()
+        return weight.detach().contiguous(memory_format=layout), bias.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of ordinary BatchNorm2d carry a counter this module has no use for.
@@ -93,6 +96,14 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * (self.running_var + BN_EPS).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def map_layout(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a ``(N, C, H, W)`` map stored channels-last (and not also
+    contiguous, as maps with one channel or one pixel are), else ``torch.contiguous_format``."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def fold_traceable(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):

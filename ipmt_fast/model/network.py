@@ -65,6 +65,12 @@ class IPMT(nn.Module):
             is skipped while ``torch.compile`` traces or a CUDA graph captures; the trainer,
             evaluator and ``predict`` check their data on the host instead and turn it off
             (attribute ``check_values``). Shapes and dtypes are always checked.
+        channels_last: run the feature maps in ``torch.channels_last`` layout (and fold the
+            backbone's weights into it) instead of PyTorch's default contiguous one: the same
+            function up to rounding, faster where the device's convolutions prefer it (measured in
+            NOTES.md: large images on a CPU; slower on small maps). The parameters keep their
+            layout, so the state dict and the optimisers do not change. Switch later with
+            :meth:`set_channels_last`.
 
     ``forward(x, s_x, s_y, y=None)`` takes ImageNet-normalised images ``x (B, 3, H, W)`` and
     ``s_x (B, S, 3, H, W)`` with ``(H - 1) % 8 == 0``, support labels ``s_y (B, S, H, W)`` and
@@ -75,12 +81,13 @@ class IPMT(nn.Module):
 
     def __init__(self, layers: int = 50, shot: int = 1, reduce_dim: int = 384, num_layers: int = 5,
                  backend: str = "auto", backbone_weights=None, recompute_ffn: bool = False,
-                 check_values: bool = True):
+                 check_values: bool = True, channels_last: bool = False):
         super().__init__()
         if shot < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
         self.shot, self.reduce_dim = shot, reduce_dim
         self.check_values = check_values
+        self.set_channels_last(channels_last)
         c = reduce_dim
         self.adjust_feature_supp = nn.Sequential(*_conv_relu(MID_LEVEL_CHANNELS, c), nn.Dropout2d(FEATURE_DROPOUT))
         self.adjust_feature_qry = nn.Sequential(*_conv_relu(MID_LEVEL_CHANNELS, c), nn.Dropout2d(FEATURE_DROPOUT))
@@ -113,6 +120,12 @@ class IPMT(nn.Module):
         """Recompute (True) or keep (False) the transformer FFNs' hidden activations for backward
         (memory and time only; same values). Returns ``self``."""
         self.transformer.set_recompute_ffn(recompute)
+        return self
+
+    def set_channels_last(self, enabled: bool) -> "IPMT":
+        """Run the feature maps channels-last (True) or contiguous (False, the default); see the
+        class docstring. Returns ``self``."""
+        self.map_layout = torch.channels_last if enabled else torch.contiguous_format
         return self
 
     # ----------------------------------------------------------------------------------------
@@ -176,7 +189,9 @@ class IPMT(nn.Module):
         b, _, img_h, img_w = x.shape
         shot = self.shot
         with torch.no_grad():  # frozen backbone
-            layer2, layer3, layer4 = self.backbone(torch.cat([x, s_x.flatten(0, 1)], 0))
+            images = torch.cat([x, s_x.flatten(0, 1)], 0)
+            # Every map after the backbone's first convolution follows its input's layout.
+            layer2, layer3, layer4 = self.backbone(images.contiguous(memory_format=self.map_layout))
         query_feat = self.adjust_feature_qry(torch.cat([layer2[:b], layer3[:b]], 1))
         supp_feat = self.adjust_feature_supp(torch.cat([layer2[b:], layer3[b:]], 1))  # (B*S, C, h, w)
         h, w = query_feat.shape[-2:]

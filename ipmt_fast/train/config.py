@@ -51,6 +51,9 @@ class TrainConfig:
     backend: str = "auto"
     # Recompute the transformer FFNs' hidden activations in backward: less memory, a little slower.
     recompute_ffn: bool = False
+    # Feature maps channels-last (IPMT's channels_last): same values up to rounding, faster or
+    # slower by device and image size (NOTES.md).
+    channels_last: bool = False
     backbone_weights: Optional[str] = None
     # Without backbone weights: measure the random backbone's batch-norm statistics on the first
     # training batch (see ipmt_fast.train.trainer.calibrate_frozen_batchnorm).

@@ -68,7 +68,7 @@ def build_model(cfg: TrainConfig) -> IPMT:
     device-side value checks are off: the data layer checks every batch on the host
     (:func:`ipmt_fast.data.collate_episodes`), so the step reads nothing back from the device."""
     model = IPMT(backend=cfg.backend, backbone_weights=cfg.backbone_weights, recompute_ffn=cfg.recompute_ffn,
-                 check_values=False, **model_arch(cfg))
+                 check_values=False, channels_last=cfg.channels_last, **model_arch(cfg))
     if cfg.weight:
         load_published_checkpoint(model, cfg.weight)
     return model
