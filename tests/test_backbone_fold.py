@@ -9,7 +9,9 @@ import torch
 from compare import assert_close, assert_low_precision_close
 
 import ipmt_fast
-from ipmt_fast.model.backbone import BN_EPS, Backbone, FrozenBatchNorm2d, fold_traceable
+from ipmt_fast.instrument import DispatchCounter
+from ipmt_fast.model import backbone as backbone_module
+from ipmt_fast.model.backbone import BN_EPS, Backbone, Bottleneck, FrozenBatchNorm2d, conv_post_ops_apply, fold_traceable
 from ipmt_fast.train.trainer import calibrate_frozen_batchnorm
 
 SIZE = 49
@@ -72,6 +74,54 @@ def test_float32_fold_within_adaptive_bound():
     for name, fused, reference, truth in zip(("layer2", "layer3", "layer4"), features(folded, x),
                                              features(literal, x), oracle):
         assert_low_precision_close(fused, reference, truth, torch.float32, name=f"folded {name}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_float32_post_ops_replace_the_adds_and_relus(channels_last, monkeypatch):
+    """Outside autograd, autocast and tracing, float32 CPU maps run every folded convolution with
+    its residual add and ReLU as oneDNN post-ops (no separate add or ReLU), within the adaptive
+    bound of the float64 oracle, in the layout of the input; without them (the plain folded
+    path) the same ops run one by one."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    oracle_model = make_backbone(torch.float64)
+    literal = copy.deepcopy(oracle_model).float()
+    folded = copy.deepcopy(literal).set_folded(True)
+    x = images(torch.float32)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    counts = {}
+    for post_ops in (True, False):
+        if not post_ops:
+            monkeypatch.setattr(backbone_module, "conv_post_ops_apply", lambda *args: False)
+        features(folded, x.contiguous(memory_format=layout))  # folds the weights (cached) first
+        with DispatchCounter() as counter:
+            results = features(folded, x.contiguous(memory_format=layout))
+        counts[post_ops] = counter.ops
+        for name, fused, reference, truth in zip(("layer2", "layer3", "layer4"), results,
+                                                 features(literal, x), features(oracle_model, x.double())):
+            assert fused.is_contiguous(memory_format=layout), name
+            assert_low_precision_close(fused, reference, truth, torch.float32, name=f"post-ops {post_ops} {name}")
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules())
+    assert sum(n for op, n in counts[True].items() if op.startswith("mkldnn::_convolution_pointwise")) == convs
+    assert not {"aten::add", "aten::relu_"} & set(counts[True])
+    blocks = sum(isinstance(m, Bottleneck) for m in folded.modules())
+    # A ReLU after each stem convolution and three per bottleneck, one residual add per bottleneck.
+    assert counts[False]["aten::relu_"] == 3 + 3 * blocks and counts[False]["aten::add"] == blocks
+
+
+def test_post_ops_only_where_they_change_nothing():
+    x = images(torch.float32)
+    assert conv_post_ops_apply(x, None)
+    assert not conv_post_ops_apply(x.double(), None)
+    assert not conv_post_ops_apply(x.requires_grad_(), None)
+    assert conv_post_ops_apply(x.detach(), x.detach())
+    assert not conv_post_ops_apply(x.detach(), x)  # the residual needs a gradient
+    with torch.no_grad():
+        assert conv_post_ops_apply(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv_post_ops_apply(x.detach(), None)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not conv_post_ops_apply(x.detach(), None)
 
 
 def test_fold_traceable_is_fuse_conv_bn_weights_bit_for_bit():

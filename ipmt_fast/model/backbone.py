@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,7 +32,8 @@ class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine parameters (all buffers, no gradients).
 
     ``after(conv, x)`` is ``self(conv(x))``, computed literally or, with ``fold`` set, as one
-    convolution with the norm folded into its weight and bias (:meth:`folded_into`)."""
+    convolution with the norm folded into its weight and bias (:meth:`folded_into`); it also
+    takes the residual add and ReLU that follow it in the network."""
 
     fold = False  # set per instance by Backbone.set_folded
     _folded = None  # the cache of folded_into: (source refs, source states, weight, bias)
@@ -48,11 +49,28 @@ class FrozenBatchNorm2d(nn.Module):
         # deepcopy and pickling leave the cache behind (it holds weak references).
         return {**self.__dict__, "_folded": None}
 
-    def after(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """``conv`` then this norm on ``x``: literally, or folded into one conv when ``fold``."""
+    def after(self, conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+              relu: bool = False) -> torch.Tensor:
+        """``conv`` then this norm on ``x``, then ``+ residual`` and a ReLU when asked: the published
+        operations in turn, or with ``fold`` one convolution with bias, whose add and ReLU are
+        oneDNN post-ops of the convolution where :func:`conv_post_ops_apply` (one pass over the
+        map instead of three, the same float32 values)."""
         if not self.fold:
-            return self(conv(x))
-        return conv._conv_forward(x, *self.folded_into(conv, map_layout(x)))
+            out = self(conv(x))
+        else:
+            weight, bias = self.folded_into(conv, map_layout(x))
+            if conv_post_ops_apply(x, residual):
+                if residual is None:
+                    return torch.ops.mkldnn._convolution_pointwise(
+                        x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+                        "relu" if relu else "none", [], None)
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None,
+                    "relu" if relu else None, [], None)
+            out = conv._conv_forward(x, weight, bias)
+        if residual is not None:
+            out = out + residual
+        return out.relu_() if relu else out
 
     def folded_into(self, conv: nn.Conv2d, layout: torch.memory_format = torch.contiguous_format
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +124,18 @@ def map_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_post_ops_apply(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """Whether a folded convolution of ``x`` runs its add and ReLU as oneDNN post-ops: float32 CPU
+    maps of the frozen backbone with oneDNN on, nothing to differentiate, and neither CPU autocast
+    (which runs the convolutions in its own dtype) nor torch.compile tracing (Inductor fuses the
+    plain operations itself)."""
+    # Tracing first: Dynamo refuses to trace the torch.backends queries.
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))))
+
+
 def fold_traceable(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
     """``fuse_conv_bn_weights(conv_weight, None, ...)``'s arithmetic, operation for operation (the
     same bits; tests/test_backbone_fold.py checks), without its ``nn.Parameter`` results, which
@@ -132,14 +162,13 @@ class Bottleneck(nn.Module):
         self.bn2 = FrozenBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * EXPANSION, 1, bias=False)
         self.bn3 = FrozenBatchNorm2d(planes * EXPANSION)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample[1].after(self.downsample[0], x)
-        out = self.relu(self.bn1.after(self.conv1, x))
-        out = self.relu(self.bn2.after(self.conv2, out))
-        return self.relu(self.bn3.after(self.conv3, out) + identity)
+        out = self.bn1.after(self.conv1, x, relu=True)
+        out = self.bn2.after(self.conv2, out, relu=True)
+        return self.bn3.after(self.conv3, out, residual=identity, relu=True)
 
 
 class DeepStemResNet(nn.Module):
@@ -151,13 +180,10 @@ class DeepStemResNet(nn.Module):
             raise ValueError(f"layers must be one of {sorted(BLOCKS)}, got {depth}")
         self.conv1 = _conv3x3(3, 64, stride=2)
         self.bn1 = FrozenBatchNorm2d(64)
-        self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(64, 64)
         self.bn2 = FrozenBatchNorm2d(64)
-        self.relu2 = nn.ReLU(inplace=True)
         self.conv3 = _conv3x3(64, STEM_WIDTH)
         self.bn3 = FrozenBatchNorm2d(STEM_WIDTH)
-        self.relu3 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self._inplanes, self._dilation = STEM_WIDTH, 1
         blocks = BLOCKS[depth]
@@ -185,9 +211,9 @@ class DeepStemResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = self.relu1(self.bn1.after(self.conv1, x))
-        x = self.relu2(self.bn2.after(self.conv2, x))
-        x = self.maxpool(self.relu3(self.bn3.after(self.conv3, x)))
+        x = self.bn1.after(self.conv1, x, relu=True)
+        x = self.bn2.after(self.conv2, x, relu=True)
+        x = self.maxpool(self.bn3.after(self.conv3, x, relu=True))
         layer2 = self.layer2(self.layer1(x))
         layer3 = self.layer3(layer2)
         return layer2, layer3, self.layer4(layer3)
