@@ -110,6 +110,18 @@ def test_compile_flag_trains_and_evaluates_like_eager(trained, tmp_path):
     assert (tmp_path / "last.pt").is_file()
 
 
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_channels_last_flag_reaches_the_loaded_model(trained, command):
+    from ipmt_fast.cli import _config_for_checkpoint, _load_model, build_parser
+
+    out, _ = trained
+    extra = ["--query", "q.png", "--support", "s.png", "--support-mask", "m.png"] if command == "predict" else []
+    args = build_parser().parse_args([command, "--checkpoint", str(out / "last.pt"), "--channels-last", *extra])
+    state, cfg = _config_for_checkpoint(args)
+    model, _ = _load_model(cfg, state, "cpu")
+    assert cfg.channels_last and model.map_layout == torch.channels_last
+
+
 def test_compile_and_cuda_graphs_are_alternatives(tmp_path):
     code, _, stderr = run_cli("train", *TINY, "--steps", "1", "--compile", "--cuda-graphs", "--out", str(tmp_path))
     assert code == 2 and "compile and cuda_graphs are alternatives" in stderr

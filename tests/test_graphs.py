@@ -224,9 +224,10 @@ def _train(model, out, graphs, steps=STEPS, seed=None, **overrides):
 
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend,clip", [("reference", None), ("auto", 0.5)])
-def test_graphed_steps_match_eager_steps(tmp_path, exact_gpu_arithmetic, dtype, backend, clip):
-    model = _start_model(dtype, dropout=False, backend=backend)
+@pytest.mark.parametrize("backend,clip,channels_last", [("reference", None, False), ("auto", 0.5, False),
+                                                        ("auto", None, True)])
+def test_graphed_steps_match_eager_steps(tmp_path, exact_gpu_arithmetic, dtype, backend, clip, channels_last):
+    model = _start_model(dtype, dropout=False, backend=backend).set_channels_last(channels_last)
     eager, eager_again, graphed = (_train(model, tmp_path / name, graphs, clip_grad_norm=clip)
                                    for name, graphs in (("eager", False), ("eager2", False), ("graphed", True)))
     assert graphed[2].graphed_step.captures == 1
