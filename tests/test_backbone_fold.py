@@ -78,10 +78,10 @@ def test_float32_fold_within_adaptive_bound():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_float32_post_ops_replace_the_adds_and_relus(channels_last, monkeypatch):
-    """Outside autograd, autocast and tracing, float32 CPU maps run every folded convolution with
-    its residual add and ReLU as oneDNN post-ops (no separate add or ReLU), within the adaptive
-    bound of the float64 oracle, in the layout of the input; without them (the plain folded
-    path) the same ops run one by one."""
+    """Outside autograd, autocast and tracing, float32 CPU maps run every folded convolution in
+    oneDNN with its ReLU as a post-op, and on channels-last maps its residual add too (contiguous
+    ones add in place after it), within the adaptive bound of the float64 oracle, in the layout of
+    the input; without post-ops (the plain folded path) the ops run one by one."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     oracle_model = make_backbone(torch.float64)
@@ -103,8 +103,10 @@ def test_float32_post_ops_replace_the_adds_and_relus(channels_last, monkeypatch)
             assert_low_precision_close(fused, reference, truth, torch.float32, name=f"post-ops {post_ops} {name}")
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules())
     assert sum(n for op, n in counts[True].items() if op.startswith("mkldnn::_convolution_pointwise")) == convs
-    assert not {"aten::add", "aten::relu_"} & set(counts[True])
     blocks = sum(isinstance(m, Bottleneck) for m in folded.modules())
+    assert "aten::add" not in counts[True]
+    adds_after = 0 if channels_last else blocks  # in place, each with its ReLU
+    assert counts[True]["aten::add_"] == adds_after and counts[True]["aten::relu_"] == adds_after
     # A ReLU after each stem convolution and three per bottleneck, one residual add per bottleneck.
     assert counts[False]["aten::relu_"] == 3 + 3 * blocks and counts[False]["aten::add"] == blocks
 

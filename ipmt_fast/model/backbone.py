@@ -52,21 +52,27 @@ class FrozenBatchNorm2d(nn.Module):
     def after(self, conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
               relu: bool = False) -> torch.Tensor:
         """``conv`` then this norm on ``x``, then ``+ residual`` and a ReLU when asked: the published
-        operations in turn, or with ``fold`` one convolution with bias, whose add and ReLU are
-        oneDNN post-ops of the convolution where :func:`conv_post_ops_apply` (one pass over the
-        map instead of three, the same float32 values)."""
+        operations in turn, or with ``fold`` one convolution with bias, run by oneDNN with its ReLU
+        (and, on channels-last maps, its add) as post-ops where :func:`conv_post_ops_apply` (one
+        pass over the map instead of three, the same float32 values)."""
         if not self.fold:
             out = self(conv(x))
         else:
-            weight, bias = self.folded_into(conv, map_layout(x))
+            layout = map_layout(x)
+            weight, bias = self.folded_into(conv, layout)
             if conv_post_ops_apply(x, residual):
+                geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
+                # oneDNN fuses an add only into channels-last convolutions; for others PyTorch's
+                # binary op falls back to its own convolution choice (im2col on small maps), so
+                # those add after a oneDNN convolution.
+                if residual is not None and layout == torch.channels_last:
+                    return torch.ops.mkldnn._convolution_pointwise.binary(
+                        x, residual, weight, bias, *geometry, "add", None, "relu" if relu else None, [], None)
+                activation = "relu" if relu and residual is None else "none"
+                out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, activation, [], None)
                 if residual is None:
-                    return torch.ops.mkldnn._convolution_pointwise(
-                        x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-                        "relu" if relu else "none", [], None)
-                return torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, residual, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None,
-                    "relu" if relu else None, [], None)
+                    return out
+                return out.add_(residual).relu_() if relu else out.add_(residual)
             out = conv._conv_forward(x, weight, bias)
         if residual is not None:
             out = out + residual
