@@ -94,7 +94,8 @@ HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto),compile(refere
 
 # A variant is a model-wide backend name, optionally with these suffixes: +recompute, the
 # transformer's FFNs recompute their hidden activations in backward instead of keeping them
-# (``recompute_ffn``); +graphs, the timed call is captured in a CUDA graph and replayed.
+# (``recompute_ffn``); +channels_last, the network's feature maps run channels-last
+# (``IPMT.set_channels_last``); +graphs, the timed call is captured in a CUDA graph and replayed.
 RECOMPUTE_SUFFIX = "+recompute"
 CHANNELS_LAST_SUFFIX = "+channels_last"
 GRAPHS_SUFFIX = "+graphs"

@@ -11,7 +11,8 @@ from compare import assert_close, assert_low_precision_close
 import ipmt_fast
 from ipmt_fast.instrument import DispatchCounter
 from ipmt_fast.model import backbone as backbone_module
-from ipmt_fast.model.backbone import BN_EPS, Backbone, Bottleneck, FrozenBatchNorm2d, conv_post_ops_apply, fold_traceable
+from ipmt_fast.model.backbone import (BN_EPS, Backbone, Bottleneck, FrozenBatchNorm2d, conv_post_ops_apply,
+                                      fold_traceable)
 from ipmt_fast.train.trainer import calibrate_frozen_batchnorm
 
 SIZE = 49

@@ -10,7 +10,9 @@ multiply and an add over the conv's output map; folded (every other backend,
 :meth:`Backbone.set_folded`) the pair is one convolution with bias whose weights PyTorch's
 ``fuse_conv_bn_weights`` derives from the conv's and the norm's: two passes over each feature map
 fewer, the same function up to rounding. The folded weights are derived, never stored: the state
-dict is the same either way.
+dict is the same either way. Folded float32 convolutions on the CPU, outside autograd, run in
+oneDNN with the ReLU (and, on channels-last maps, the residual add) that follow them as post-ops
+(:func:`conv_post_ops_apply`).
 """
 from __future__ import annotations
 
@@ -131,15 +133,16 @@ def map_layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def conv_post_ops_apply(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    """Whether a folded convolution of ``x`` runs its add and ReLU as oneDNN post-ops: float32 CPU
-    maps of the frozen backbone with oneDNN on, nothing to differentiate, and neither CPU autocast
-    (which runs the convolutions in its own dtype) nor torch.compile tracing (Inductor fuses the
-    plain operations itself)."""
+    """Whether a folded convolution of ``x`` runs in oneDNN with its ReLU (and add) as post-ops
+    (:meth:`FrozenBatchNorm2d.after`): float32 CPU maps with oneDNN on, nothing to differentiate,
+    and neither CPU autocast (which runs the convolutions in its own dtype) nor torch.compile
+    tracing (Inductor fuses the plain operations itself)."""
     # Tracing first: Dynamo refuses to trace the torch.backends queries.
     return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))))
+            and not (torch.is_grad_enabled()
+                     and (x.requires_grad or (residual is not None and residual.requires_grad))))
 
 
 def fold_traceable(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
