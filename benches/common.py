@@ -478,10 +478,11 @@ def count_dispatches(fn: Callable[[], object]) -> dict:
 
 
 # The ops whose arithmetic no fusion removes: convolutions and matrix products (their CPU kernels;
-# the patch-row convolution's products are mm calls of its own).
+# the patch-row convolution's products are mm calls of its own; the frozen backbone's oneDNN
+# convolutions with their ReLU or add as post-ops are counted whole).
 DENSE_OPS = frozenset({"aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
                        "aten::_slow_conv2d_backward", "aten::slow_conv_dilated2d",
-                       "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"})
+                       "mkldnn::_convolution_pointwise", "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"})
 
 
 # Profiled calls per dense time: the least is kept (an op's time under the profiler is wall time,

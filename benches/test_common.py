@@ -69,4 +69,9 @@ def test_dense_time_counts_matrix_products_only():
     with_products = common.dense_time_ms(lambda: ((a @ a) + 1).relu_(), torch.device("cpu"))
     assert only_pointwise == 0.0
     assert with_products > 0.0
+    if torch.backends.mkldnn.is_available():  # the backbone's convolutions with post-ops
+        x, w = torch.randn(1, 8, 16, 16), torch.randn(8, 8, 3, 3)
+        fused = common.dense_time_ms(lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], None), torch.device("cpu"))
+        assert fused > 0.0
     assert common.dense_time_ms(lambda: a @ a, torch.device("meta")) is None
