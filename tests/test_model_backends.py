@@ -136,6 +136,11 @@ def test_full_model_matches_reference(backend, dtype, cpu_paths, device, init, r
         assert len(out) == 1 + 3 * 2
         for i, (e, o) in enumerate(zip(exp, out)):
             assert_close(o, e, rtol=tol, name=f"{backend} transformer output {i} ({mode})")
+    assert_same_training_step(got, expected, tol, backend)
+
+
+def assert_same_training_step(got, expected, tol, what):
+    """``run_training_step`` results: the same prediction, losses, eval logits and gradients."""
     pred, main_loss, aux_loss, grads, logits = got
     assert torch.equal(pred, expected[0])
     assert_close(main_loss, expected[1], rtol=tol, name="main loss")
@@ -143,7 +148,7 @@ def test_full_model_matches_reference(backend, dtype, cpu_paths, device, init, r
     assert_close(logits, expected[4], rtol=tol, name="eval logits")
     assert grads.keys() == expected[3].keys()
     for name, g in grads.items():
-        assert_close(g, expected[3][name], rtol=tol, name=f"{backend} gradient of {name}")
+        assert_close(g, expected[3][name], rtol=tol, name=f"{what} gradient of {name}")
 
 
 def _flat_gradients(grads):
@@ -194,17 +199,10 @@ def test_channels_last_matches_reference(backend, dtype):
     layouts = []
     model.backbone.register_forward_hook(lambda _m, _i, outs: layouts.extend(
         o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() for o in outs))
-    pred, main_loss, aux_loss, grads, logits = run_training_step(model, dtype, "cpu")
+    got = run_training_step(model, dtype, "cpu")
     assert layouts == [True] * 6  # layer2, layer3, layer4 of the training and the eval forward
     if backend != "reference":
         bn = model.backbone.body.layer1[0].bn2
         assert bn._folded[2].is_contiguous(memory_format=torch.channels_last)
-    tol = TOLERANCE[dtype]
-    assert torch.equal(pred, expected[0])
-    assert_close(main_loss, expected[1], rtol=tol, name="main loss")
-    assert_close(aux_loss, expected[2], rtol=tol, name="aux loss")
-    assert_close(logits, expected[4], rtol=tol, name="eval logits")
-    assert grads.keys() == expected[3].keys()
-    for name, g in grads.items():
-        assert g.is_contiguous(), name
-        assert_close(g, expected[3][name], rtol=tol, name=f"{backend} channels-last gradient of {name}")
+    assert_same_training_step(got, expected, TOLERANCE[dtype], f"{backend} channels-last")
+    assert all(g.is_contiguous() for g in got[3].values())
