@@ -308,9 +308,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backw
 
 // ---------------------------------------------------------------------------------------------
 // deformable_self_attention_block: LN(T + Drop(deformable_self_attention(T + pos, T, ...)))
+// The query T + pos is not kept for backward: one add recomputes it there, the same bits.
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 deformable_self_attention_block(const Tensor& tokens, const Tensor& pos, const Tensor& padding_mask,
                                 const Tensor& reference_points, const Tensor& offset_normalizer, int64_t height,
                                 int64_t width, const Tensor& value_weight, const Tensor& value_bias,
@@ -328,7 +329,7 @@ deformable_self_attention_block(const Tensor& tokens, const Tensor& pos, const T
       precision.lower(output_weight), precision.lower(output_bias), heads, points, fused_coordinate);
   const Tensor keep = draw_keep(tokens, out.sizes(), dropout_p, train);
   const Normed normed = residual_layer_norm(tokens, out, keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
-  return {normed.out, query, value, locations, weights, sampled, keep, normed.input, normed.mean, normed.rstd};
+  return {normed.out, value, locations, weights, sampled, keep, normed.input, normed.mean, normed.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -338,13 +339,13 @@ deformable_self_attention_block_backward(
     const Tensor& value_bias, const Tensor& offset_weight, const Tensor& offset_bias, const Tensor& attention_weight,
     const Tensor& attention_bias, const Tensor& output_weight, const Tensor& output_bias, int64_t heads,
     int64_t points, bool fused_coordinate, const Tensor& norm_weight, const Tensor& norm_bias, double dropout_p,
-    optional<at::ScalarType> compute_dtype, const Tensor& query, const Tensor& value, const Tensor& locations,
-    const Tensor& weights, const Tensor& sampled, const Tensor& keep, const Tensor& norm_input,
-    const Tensor& norm_mean, const Tensor& norm_rstd) {
+    optional<at::ScalarType> compute_dtype, const Tensor& value, const Tensor& locations, const Tensor& weights,
+    const Tensor& sampled, const Tensor& keep, const Tensor& norm_input, const Tensor& norm_mean,
+    const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
   const ResidualNormGrads norm =
       residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, keep, dropout_p, norm_weight, norm_bias);
-  const Tensor lower_query = precision.lower(query);
+  const Tensor lower_query = precision.lower(tokens + pos);
   const Tensor grad_branch = cast(norm.branch, lower_query.scalar_type()).contiguous();
   auto grads = deformable_self_attention_backward(
       grad_branch, lower_query, precision.lower(tokens), padding_mask, offset_normalizer, height, width,

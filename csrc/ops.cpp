@@ -139,7 +139,7 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor offset_weight, Tensor offset_bias, Tensor attention_weight, Tensor attention_bias, "
         "Tensor output_weight, Tensor output_bias, int heads, int points, bool fused_coordinate, "
         "Tensor norm_weight, Tensor norm_bias, float norm_eps, float dropout_p, bool train, "
-        "ScalarType? compute_dtype=None) -> (Tensor out, Tensor query, Tensor value, Tensor locations, "
+        "ScalarType? compute_dtype=None) -> (Tensor out, Tensor value, Tensor locations, "
         "Tensor weights, Tensor sampled, Tensor keep, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd)",
         seeded);
   m.def("deformable_self_attention_block_backward(Tensor grad_out, Tensor tokens, Tensor pos, "
@@ -147,7 +147,7 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor value_bias, Tensor offset_weight, Tensor offset_bias, Tensor attention_weight, "
         "Tensor attention_bias, Tensor output_weight, Tensor output_bias, int heads, int points, "
         "bool fused_coordinate, Tensor norm_weight, Tensor norm_bias, float dropout_p, "
-        "ScalarType? compute_dtype, Tensor query, Tensor value, Tensor locations, Tensor weights, Tensor sampled, "
+        "ScalarType? compute_dtype, Tensor value, Tensor locations, Tensor weights, Tensor sampled, "
         "Tensor keep, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd) -> (Tensor grad_tokens, "
         "Tensor grad_pos, Tensor grad_value_weight, Tensor grad_value_bias, Tensor grad_offset_weight, "
         "Tensor grad_offset_bias, Tensor grad_attention_weight, Tensor grad_attention_bias, "

@@ -244,14 +244,14 @@ def _deformable_block_fake(tokens, pos, padding_mask, reference_points, offset_n
                                                   *weights, heads, points, fused_coordinate)
     keep = _keep_fake(tokens, out.shape, dropout_p, train)
     normed, norm_input, mean, rstd = _norm_fake(tokens + out, norm_weight, norm_bias, norm_eps, compute_dtype)
-    return (normed, query, *saved, keep, norm_input, mean, rstd)
+    return (normed, *saved, keep, norm_input, mean, rstd)
 
 
 def _deformable_block_backward_fake(grad_out, tokens, pos, padding_mask, offset_normalizer, height, width, value_weight,
                                     value_bias, offset_weight, offset_bias, attention_weight, attention_bias,
                                     output_weight, output_bias, heads, points, fused_coordinate, norm_weight, norm_bias,
-                                    dropout_p, compute_dtype, query, value, locations, weights, sampled, keep,
-                                    norm_input, norm_mean, norm_rstd):
+                                    dropout_p, compute_dtype, value, locations, weights, sampled, keep, norm_input,
+                                    norm_mean, norm_rstd):
     return contiguous_like(tokens, pos, value_weight, value_bias, offset_weight, offset_bias, attention_weight,
                            attention_bias, output_weight, output_bias, norm_weight, norm_bias)
 
