@@ -393,10 +393,9 @@ Tensor conv_relu(const Tensor& input, const Tensor& weight) {
   return out.relu_();
 }
 
-// Gradients of (input, weight) of conv_relu from its output's gradient.
-std::tuple<Tensor, Tensor> conv_relu_backward(const Tensor& grad, const Tensor& output, const Tensor& input,
-                                              const Tensor& weight) {
-  const Tensor grad_pre = at::threshold_backward(grad, output, 0);
+// Gradients of (input, weight) of the convolution in conv_relu from the gradient of its result
+// before the ReLU.
+std::tuple<Tensor, Tensor> conv_backward(const Tensor& grad_pre, const Tensor& input, const Tensor& weight) {
   if (patch_conv_applies(input, weight)) return patch_conv_backward(grad_pre, input, weight);
   const int64_t pad = same_padding(weight);
   auto [grad_input, grad_weight, unused_bias] = at::convolution_backward(
@@ -419,20 +418,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> query_update_block(const Tensor& quer
   const Tensor map = tokens_to_map(updated, height, width).contiguous(at::MemoryFormat::ChannelsLast);
   const Tensor conv1_out = conv_relu(map, precision.lower(conv1_weight));
   const Tensor conv2_out = conv_relu(conv1_out, precision.lower(conv2_weight));
-  return {map_to_tokens(map + conv2_out), updated, conv1_out, conv2_out};
+  // Backward needs of the second ReLU's output only where it passed: kept as bools, not values.
+  return {map_to_tokens(map + conv2_out), updated, conv1_out, conv2_out.gt(0)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> query_update_block_backward(
     const Tensor& grad_out, const Tensor& query, const Tensor& prototype, const Tensor& update_weight,
     const Tensor& conv1_weight, const Tensor& conv2_weight, int64_t height, int64_t width,
     optional<at::ScalarType> compute_dtype, const Tensor& updated, const Tensor& conv1_out,
-    const Tensor& conv2_out) {
+    const Tensor& conv2_passed) {
   const Precision precision{compute_dtype};
   const Tensor grad_map = tokens_to_map(cast(grad_out, updated.scalar_type()), height, width);
   const Tensor map = tokens_to_map(updated, height, width).contiguous(at::MemoryFormat::ChannelsLast);
   const Tensor lower_conv1 = precision.lower(conv1_weight), lower_conv2 = precision.lower(conv2_weight);
-  auto [grad_conv1_out, grad_conv2_weight] = conv_relu_backward(grad_map, conv2_out, conv1_out, lower_conv2);
-  auto [grad_map_conv, grad_conv1_weight] = conv_relu_backward(grad_conv1_out, conv1_out, map, lower_conv1);
+  auto [grad_conv1_out, grad_conv2_weight] =
+      conv_backward(where_else_zero(conv2_passed, grad_map), conv1_out, lower_conv2);
+  auto [grad_map_conv, grad_conv1_weight] =
+      conv_backward(at::threshold_backward(grad_conv1_out, conv1_out, 0), map, lower_conv1);
   const Tensor grad_updated = map_to_tokens(grad_map + grad_map_conv).contiguous();
   auto [grad_query, grad_prototype, grad_update_weight] = prototype_query_update_backward(
       grad_updated, updated, precision.lower(query), precision.lower(prototype), precision.lower(update_weight));

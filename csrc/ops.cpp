@@ -154,10 +154,10 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor grad_output_weight, Tensor grad_output_bias, Tensor grad_norm_weight, Tensor grad_norm_bias)");
   m.def("query_update_block(Tensor query, Tensor prototype, Tensor update_weight, Tensor conv1_weight, "
         "Tensor conv2_weight, int height, int width, ScalarType? compute_dtype=None) "
-        "-> (Tensor out, Tensor updated, Tensor conv1_out, Tensor conv2_out)");
+        "-> (Tensor out, Tensor updated, Tensor conv1_out, Tensor conv2_passed)");
   m.def("query_update_block_backward(Tensor grad_out, Tensor query, Tensor prototype, Tensor update_weight, "
         "Tensor conv1_weight, Tensor conv2_weight, int height, int width, ScalarType? compute_dtype, "
-        "Tensor updated, Tensor conv1_out, Tensor conv2_out) -> (Tensor grad_query, Tensor grad_prototype, "
+        "Tensor updated, Tensor conv1_out, Tensor conv2_passed) -> (Tensor grad_query, Tensor grad_prototype, "
         "Tensor grad_update_weight, Tensor grad_conv1_weight, Tensor grad_conv2_weight)");
 }
 

@@ -62,6 +62,11 @@ inline at::Tensor& mul_scalar_(at::Tensor& x, double value) {
   return takes_cached_scalar(x) ? x.mul_(cached_scalar(value, x.scalar_type())) : x.mul_(value);
 }
 
+// x where mask is set, else 0.
+inline at::Tensor where_else_zero(const at::Tensor& mask, const at::Tensor& x) {
+  return takes_cached_scalar(x) ? at::where(mask, x, cached_scalar(0, x.scalar_type())) : at::where(mask, x, 0);
+}
+
 // x >= value.
 inline at::Tensor ge_scalar(const at::Tensor& x, double value) {
   return takes_cached_scalar(x) ? at::ge(x, cached_scalar(value, x.scalar_type())) : at::ge(x, value);

@@ -264,12 +264,13 @@ def _query_update_block_fake(query, prototype, update_weight, conv1_weight, conv
                              compute_dtype=None):
     b, n, c = query.shape
     dtype = _lower(query, compute_dtype).dtype
-    conv_outs = [_channels_last_empty(query, b, c, height, width, dtype) for _ in range(2)]
-    return query.new_empty(b, n, c, dtype=dtype), query.new_empty(b, n, c, dtype=dtype), *conv_outs
+    return (query.new_empty(b, n, c, dtype=dtype), query.new_empty(b, n, c, dtype=dtype),
+            _channels_last_empty(query, b, c, height, width, dtype),
+            _channels_last_empty(query, b, c, height, width, torch.bool))
 
 
 def _query_update_block_backward_fake(grad_out, query, prototype, update_weight, conv1_weight, conv2_weight, height,
-                                      width, compute_dtype, updated, conv1_out, conv2_out):
+                                      width, compute_dtype, updated, conv1_out, conv2_passed):
     return contiguous_like(query, prototype, update_weight, conv1_weight, conv2_weight)
 
 
