@@ -74,7 +74,8 @@ class FrozenBatchNorm2d(nn.Module):
                 out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, activation, [], None)
                 if residual is None:
                     return out
-                return out.add_(residual).relu_() if relu else out.add_(residual)
+                out.add_(residual)
+                return out.relu_() if relu else out
             out = conv._conv_forward(x, weight, bias)
         if residual is not None:
             out = out + residual

@@ -235,8 +235,9 @@ def cpu_paths(enabled: bool) -> Iterator[None]:
     dropout draws as one loop (the same masks as ``bernoulli_``; ``csrc/cpu_loops.h``,
     ``csrc/patch_conv.h``, ``csrc/dropout_draws.h``). With ``enabled=False`` they run the ATen
     compositions, library convolutions and ``bernoulli_`` calls that their CUDA kernels run
-    instead, so that arithmetic can be tested and debugged without a GPU. The switch is process-wide (every thread), not
-    thread-local; the previous setting is restored on exit. Builds the library if needed.
+    instead, so that arithmetic can be tested and debugged without a GPU. The switch is
+    process-wide (every thread), not thread-local; the previous setting is restored on exit.
+    Builds the library if needed.
     """
     setter = ctypes.CDLL(load_extension()).ipmt_fast_set_cpu_paths
     setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
