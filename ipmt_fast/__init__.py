@@ -4,7 +4,8 @@
 backends; ``ipmt_fast.load_published_checkpoint`` loads the published weights.
 
 Importing the package corrects a TorchInductor CPU scheduling bug that zeroes gradients through
-``F.interpolate`` under ``torch.compile`` (see ``ipmt_fast.inductor_fix``).
+``F.interpolate`` under ``torch.compile`` (see ``ipmt_fast.inductor_fix``), and keys
+torch.compile's on-disk caches to this version's operators (``ipmt_fast.compile_cache``).
 """
 import os
 import platform
@@ -46,11 +47,12 @@ def _check_versions() -> None:
 if os.environ.get(SKIP_VERSION_CHECK_VARIABLE) != "1":
     _check_versions()
 
-from . import inductor_fix, ops  # noqa: E402 (after the version check)
+from . import compile_cache, inductor_fix, ops  # noqa: E402 (after the version check)
 from .model import (IPMT, IPMTransformer, duplex_segmentation_loss, load_published_checkpoint,  # noqa: E402
                     weighted_dice_loss)
 
 __version__ = "0.1.0"
 inductor_fix.apply()
+compile_cache.install()
 __all__ = ["IPMT", "IPMTransformer", "duplex_segmentation_loss", "load_published_checkpoint", "ops",
            "weighted_dice_loss"]

@@ -17,10 +17,8 @@ own fix is left untouched.
 
 Inductor caches compiled graphs on disk under a key that knows nothing of a patched method, so a
 kernel scheduled by the faulty code before this fix was applied would be served again. The fix
-therefore also installs a do-nothing scheduler pass whose identifier names it: the identifier is
-part of every cache key, and graphs compiled with the fix never share an entry with ones compiled
-without it. (Where a user has set their own ``_pre_fusion_custom_pass``, theirs is kept and old
-cache entries are theirs to clear.)
+therefore adds its identifier to the salt of every cache key (``ipmt_fast.compile_cache``):
+graphs compiled with the fix never share an entry with ones compiled without it.
 
 ``tests/test_compile.py`` compares Inductor against eager on the full model (the test that found
 the bug) and checks this module's detection.
@@ -47,21 +45,6 @@ def _recompute_size_and_body(self, extra_indexing_constraints=None, recompute_si
         self.set_read_writes(self.read_writes.with_read(fake_deps).rename(self.mutation_renames))
 
 
-def _cache_salt_pass():
-    from torch._inductor.custom_graph_pass import CustomSchedulerPass
-
-    class FixedSchedulerCacheSalt(CustomSchedulerPass):
-        """Leaves the scheduler's nodes as they are; exists for its ``uuid``."""
-
-        def __call__(self, nodes):
-            return nodes
-
-        def uuid(self) -> str:
-            return FIX_IDENTIFIER
-
-    return FixedSchedulerCacheSalt()
-
-
 def needs_fix() -> bool:
     """Whether this torch's Inductor has the faulty ``recompute_size_and_body`` (unpatched)."""
     try:
@@ -76,9 +59,9 @@ def apply() -> bool:
     """Install the corrected method if this torch needs it; returns whether it did (idempotent)."""
     if not needs_fix():
         return False
-    import torch._inductor.config as inductor_config
     from torch._inductor.scheduler import SchedulerNode
+
+    from . import compile_cache
     SchedulerNode.recompute_size_and_body = _recompute_size_and_body
-    if inductor_config._pre_fusion_custom_pass is None:
-        inductor_config._pre_fusion_custom_pass = _cache_salt_pass()
+    compile_cache.add_identifier(FIX_IDENTIFIER)
     return True

@@ -265,8 +265,7 @@ def test_inductor_fix_is_applied_where_needed():
     source = inspect.getsource(SchedulerNode.recompute_size_and_body)
     assert "mutation_renames" in source and "if fake_deps:" not in source
     if SchedulerNode.recompute_size_and_body is inductor_fix._recompute_size_and_body:
-        assert inductor_config._pre_fusion_custom_pass.uuid() == inductor_fix.FIX_IDENTIFIER
-        assert inductor_config._pre_fusion_custom_pass(["node"]) == ["node"]
+        assert inductor_fix.FIX_IDENTIFIER in inductor_config._pre_fusion_custom_pass.uuid()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
