@@ -506,6 +506,49 @@ def dense_time_ms(fn: Callable[[], object], device: torch.device, calls: int = D
     return min(times)
 
 
+# Probes of the machine's dense throughput, per device type: the side of a square matrix product
+# and the (batch, channels, side) of a 3x3 convolution as large as the network's largest (ResNet
+# layer4's at 473 px, query and support), batch raised on a GPU so that launches do not count.
+PEAK_PROBE_MM_SIDE = {"cpu": 2048, "cuda": 8192}
+PEAK_PROBE_CONV = {"cpu": (2, 512, 60), "cuda": (32, 512, 60)}
+PEAK_PROBE_REPEATS = 3
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of ``fn`` in its matrix products and convolutions,
+    forward and backward (PyTorch's ``FlopCounterMode``: two per multiply-add), with oneDNN off so
+    that the backbone's fused CPU convolutions run as ATen convolutions it sees. Work inside a
+    custom op is invisible to it: count a variant made of ATen ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+    return counter.get_total_flops()
+
+
+def dense_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The most floating-point operations per second this machine shows on the probes (a square
+    matrix product and a 3x3 convolution, ``PEAK_PROBE_*``) in ``dtype``: the fastest sample of
+    either. A call's FLOPs over it bound the call's time from below, as far as these probes know
+    the machine."""
+    side = PEAK_PROBE_MM_SIDE[device.type]
+    batch, channels, size = PEAK_PROBE_CONV[device.type]
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)
+    probes = {"mm": (lambda: a @ b, 2 * side ** 3),
+              "conv": (lambda: torch.nn.functional.conv2d(x, w, padding=1),
+                       2 * batch * channels * size * size * channels * 9)}
+    stats = measure_interleaved({name: fn for name, (fn, _) in probes.items()}, device, warmup=1,
+                                repeats=PEAK_PROBE_REPEATS, log=lambda _: None)
+    return max(flops / stats[name].min for name, (_, flops) in probes.items())
+
+
 def count_cuda_kernels(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """CUDA kernels ``fn`` launches in one call, as ``torch.profiler`` reports them (memory copies
     and sets left out; kernels replayed from a CUDA graph included); None off CUDA."""

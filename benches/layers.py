@@ -411,6 +411,23 @@ def build_variants(bench, backends: List[str], compile_variants: List[str], dtyp
     return variants
 
 
+def arithmetic_twin(variant: str) -> str:
+    """The variant made of ATen ops that does ``variant``'s arithmetic, whose FLOPs
+    ``common.count_flops`` can see: the reference for itself, the ``torch`` form for every fused
+    backend (whose ops implement its algebra: the same products), with the same recompute and
+    layout, not graphed."""
+    parsed = split_variant(variant)
+    return (("reference" if parsed.backend == "reference" else "torch") + (RECOMPUTE_SUFFIX if parsed.recompute else "")
+            + (CHANNELS_LAST_SUFFIX if parsed.channels_last else ""))
+
+
+def flop_bound_fields(bench, variant: str, dtype_name: str, peak_flops: float) -> dict:
+    """GFLOP of one call of ``variant`` (its :func:`arithmetic_twin` counted) and the time they take
+    at the machine's measured dense peak: no implementation of that arithmetic is faster here."""
+    flops = common.count_flops(bench.runner(arithmetic_twin(variant), dtype_name))
+    return dict(gflop=flops / 1e9, peak_gflops=peak_flops / 1e9, flop_bound_ms=flops / peak_flops * 1e3)
+
+
 def host_work(name: str, run: Callable[[], None], device: torch.device) -> dict:
     """Ops dispatched (and host syncs among them) and CUDA kernels launched by one untimed call."""
     work = {} if parse_compile_variant(name) else common.count_dispatches(run)
@@ -434,6 +451,7 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
     base = dict(bench=bench.name, num_layers=bench.num_layers, dtype=dtype_name, batch=args.batch, shot=args.shot,
                 image_size=args.image_size, tokens=bench.tokens, width=args.width)
     ref = stats.get("reference")
+    peak_flops = common.dense_peak_flops(device, common.DTYPES[dtype_name]) if args.flop_bound else None
     rows = []
     for name, st in stats.items():
         row = dict(base, variant=name, **common.stats_fields(st))
@@ -458,6 +476,8 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
                 row["count_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         if args.dense_time:
             row["dense_ms"] = common.dense_time_ms(variants[name], device)
+        if peak_flops is not None and not parse_compile_variant(name):
+            row.update(flop_bound_fields(bench, name, dtype_name, peak_flops))
         if args.saved_breakdown and pool_bytes is None:
             print_saved_breakdown(variants[name], bench, f"{bench.name} L={bench.num_layers} {dtype_name} {name}",
                                   args.saved_breakdown, log)
@@ -530,6 +550,8 @@ def ratio_rows(rows: List[dict], device_label: str) -> List[dict]:
                 row[field] = compiled[name][key]["median_ms"] / r["median_ms"]
         if r.get("dense_ms"):  # were all but the convolutions and matrix products free
             row["ceiling"] = ref["median_ms"] / r["dense_ms"]
+        if r.get("flop_bound_ms"):  # were its arithmetic done at the machine's dense peak
+            row["flop_ceiling"] = ref["median_ms"] / r["flop_bound_ms"]
         for field in ("saved_bytes", "peak_bytes", "rss_rise_bytes", "ops", "cuda_kernels"):
             if r.get(field) is not None and ref.get(field):
                 row[f"{field}_ratio"] = r[field] / ref[field]
@@ -552,6 +574,8 @@ TABLE_COLUMNS = [
     ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
     ("kernels", lambda r: common.fmt_count(r.get("cuda_kernels"))),
     ("dense ms", lambda r: common.fmt_ms(r.get("dense_ms"))),
+    ("GFLOP", lambda r: "-" if r.get("gflop") is None else f"{r['gflop']:.1f}"),
+    ("flop-bound ms", lambda r: common.fmt_ms(r.get("flop_bound_ms"))),
 ]
 SLOPE_COLUMNS = [
     ("bench", "bench"), ("dtype", "dtype"), ("variant", "variant"), ("L", "layer_counts"),
@@ -573,6 +597,7 @@ RATIO_COLUMNS = [
     ("(paired)", lambda r: common.fmt_ratio(r.get("vs_compile_paired"))),
     ("max-autotune/fused", lambda r: common.fmt_ratio(r.get("vs_compile_max_autotune"))),
     ("ref/dense", lambda r: common.fmt_ratio(r.get("ceiling"))),
+    ("ref/flop-bound", lambda r: common.fmt_ratio(r.get("flop_ceiling"))),
     ("ops fused/ref", lambda r: common.fmt_fraction(r.get("ops_ratio"))),
     ("saved fused/ref", lambda r: "-" if r.get("saved_bytes_ratio") is None else f"{r['saved_bytes_ratio']:.2f}"),
     ("peak fused/ref", lambda r: "-" if r.get("peak_bytes_ratio") is None else f"{r['peak_bytes_ratio']:.2f}"),
@@ -625,6 +650,11 @@ def parse_args(argv=None):
                    help="CPU: profile one more call of each variant and report the time in its convolutions and "
                         "matrix products (dense ms), and the reference's time over it (ref/dense): the largest "
                         "speedup fusing everything else could give")
+    p.add_argument("--flop-bound", action="store_true",
+                   help="count each eager variant's FLOPs in products and convolutions (GFLOP; fused backends "
+                        "counted on their torch form) and measure the machine's dense peak (a large matrix product "
+                        "and 3x3 convolution): flop-bound ms is the fastest any implementation of that arithmetic "
+                        "could run here, ref/flop-bound the largest speedup it allows")
     p.add_argument("--out", help="output folder (default benches/results/<device>/)")
     p.add_argument("--tag", help="file name stem of the outputs (default layers, layers-host for --regime host)")
     p.add_argument("--no-plot", action="store_true")

@@ -80,7 +80,7 @@ def tiny_run(tmp_path_factory):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = "reference,auto" + (",auto+graphs" if device == "cuda" else "")
     layers.main(["--bench", "transformer,step", "--device", device, "--backends", variants, "--out", str(out),
-                 "--dense-time", *TINY])
+                 "--dense-time", "--flop-bound", *TINY])
     return out, json.loads((out / "layers.json").read_text())
 
 
@@ -139,3 +139,29 @@ def test_dense_time_and_its_ceiling(tiny_run):
                      and r["median_ms"] == ratio["ms"])
         assert ratio["ceiling"] == pytest.approx(ref["median_ms"] / fused["dense_ms"])
 
+
+
+def test_flop_bound_and_its_ceiling(tiny_run):
+    """Every eager variant's FLOPs are counted (the fused ones on their torch form, which merges the
+    attention's projections: fewer than the reference's), their time at the measured peak follows,
+    and the ratio row's flop ceiling is the reference's time over it."""
+    _, run = tiny_run
+    rows = [r for r in run["rows"] if r.get("median_ms") is not None]
+    for r in rows:
+        assert r["gflop"] > 0 and r["peak_gflops"] > 0, r
+        assert r["flop_bound_ms"] == pytest.approx(r["gflop"] / r["peak_gflops"] * 1e3)
+    by_key = {(r["bench"], r["num_layers"], r["variant"]): r for r in rows}
+    for layers_count in (1, 2):
+        assert by_key[("transformer", layers_count, "auto")]["gflop"] < \
+            by_key[("transformer", layers_count, "reference")]["gflop"]
+    for ratio in run["ratios"]:
+        ref = by_key[(ratio["bench"], int(ratio["shape"].rsplit("L", 1)[1]), "reference")]
+        fused = next(r for r in rows if r["variant"] == ratio["backend"] and r["bench"] == ratio["bench"]
+                     and r["median_ms"] == ratio["ms"])
+        assert ratio["flop_ceiling"] == pytest.approx(ref["median_ms"] / fused["flop_bound_ms"])
+
+
+def test_arithmetic_twins():
+    assert layers.arithmetic_twin("reference+graphs") == "reference"
+    assert layers.arithmetic_twin("auto+recompute+graphs") == "torch+recompute"
+    assert layers.arithmetic_twin("compiled+channels_last") == "torch+channels_last"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ipmt_fast.model.backbone import FrozenBatchNorm2d
+
 from . import common
 
 
@@ -75,3 +77,35 @@ def test_dense_time_counts_matrix_products_only():
             x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], None), torch.device("cpu"))
         assert fused > 0.0
     assert common.dense_time_ms(lambda: a @ a, torch.device("meta")) is None
+
+
+def test_count_flops_sees_products_and_the_backbones_fused_convolutions():
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    assert common.count_flops(lambda: a @ b) == 2 * 6 * 5 * 4
+    assert common.count_flops(lambda: (a + 1).relu_()) == 0
+    # A folded frozen convolution takes oneDNN's post-op path in float32 on the CPU, which
+    # FlopCounterMode cannot see: count_flops turns oneDNN off for the call, and back on after.
+    conv, norm = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), FrozenBatchNorm2d(16)
+    norm.fold = True
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        assert common.count_flops(lambda: norm.after(conv, x, relu=True)) == 2 * 2 * 16 * 5 * 5 * 8 * 9
+    assert torch.backends.mkldnn.enabled
+
+
+def test_dense_peak_is_the_fastest_probe(monkeypatch):
+    """Known answer: the probes' FLOPs over their fastest samples, the larger of the two."""
+    fastest = {"mm": 0.5, "conv": 0.25}
+
+    def fake_measure(variants, device, **kwargs):
+        for fn in variants.values():
+            fn()  # the probes run
+        return {name: common.Stats.of([2 * fastest[name], fastest[name]], 1) for name in variants}
+
+    monkeypatch.setitem(common.PEAK_PROBE_MM_SIDE, "cpu", 4)
+    monkeypatch.setitem(common.PEAK_PROBE_CONV, "cpu", (1, 2, 3))
+    monkeypatch.setattr(common, "measure_interleaved", fake_measure)
+    mm_flops, conv_flops = 2 * 4 ** 3, 2 * 1 * 2 * 3 * 3 * 2 * 9
+    assert common.dense_peak_flops(torch.device("cpu"), torch.float32) == max(mm_flops / 0.5, conv_flops / 0.25)
+    fastest["conv"] = 1e3
+    assert common.dense_peak_flops(torch.device("cpu"), torch.float32) == mm_flops / 0.5
