@@ -4,10 +4,11 @@
 // default generator, so that every backend drops the same units from one seed. On the CPU ATen's
 // portable path draws one element at a time through TensorIterator and the generator's
 // out-of-line random64(): at IPMT's published size the transformer's draws were half of what it
-// spends outside convolutions and matrix products. The loop here takes the same two words of the
-// generator's mt19937 per element, makes the same 53-bit uniform and compares it with the same
-// probability, inline: 1.8x faster for 4.1M elements (IPMT's FFN hidden mask at 473 px), 1.8x for
-// 4608 (NOTES.md, 2026-12-07). Where at::bernoulli_ draws otherwise (with MKL's generator on
+// spends outside convolutions and matrix products. The loops here take the same two words of the
+// generator's mt19937 per element, make the same 53-bit uniform and compare it with the same
+// probability, the words produced in bulk (the state update and output function vectorised, per
+// instruction set): for IPMT's FFN masks at 473 px about 4x faster than drawing a word at a time
+// as the engine does, itself 1.8x at::bernoulli_'s speed (NOTES.md, 2026-12-07). Where at::bernoulli_ draws otherwise (with MKL's generator on
 // Intel CPUs), a check at first use finds the masks differ and the ops keep calling at::bernoulli_;
 // with the CPU paths off (cpu_loops.h) they call it too, as on CUDA.
 #pragma once

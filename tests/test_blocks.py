@@ -319,14 +319,20 @@ def test_compiled_query_update_on_small_and_large_maps(batch, height, width, dty
 DRAW_PROBABILITIES = (0.1, DROPOUT_P, 0.5, 1 / 3, 1.0)
 
 
+# 32-bit words taken from the generator before the masks' draws (one per element of a small
+# randint): the draws take two words an element, so an odd count starts them between pairs.
+WORDS_BEFORE_DRAWS = (0, 3)
+
+
 @pytest.mark.parametrize("p", DRAW_PROBABILITIES, ids=lambda p: f"p{p:.3g}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_compiled_masks_are_bernoullis(p, dtype, either_cpu_paths):
+@pytest.mark.parametrize("words_before", WORDS_BEFORE_DRAWS, ids=lambda k: f"after{k}words")
+def test_compiled_masks_are_bernoullis(p, dtype, words_before, either_cpu_paths):
     """The masks the compiled attention and FFN blocks draw (a multiplier in the matrix products'
     dtype, then bool masks; csrc/dropout_draws.cpp on the CPU) equal, bit for bit, what
     ipmt_fast/ops/_dropout.py draws with bernoulli_ from the same seed, in the same order, and leave
     the generator where it leaves it, on maps large enough for many turns of the generator's
-    624-word state."""
+    624-word state, from the generator's first word or from within a state."""
     from ipmt_fast.ops._dropout import draw_keep, draw_multiplier
 
     b, m, n, c = 3, 2, 1500, 8
@@ -335,12 +341,14 @@ def test_compiled_masks_are_bernoullis(p, dtype, either_cpu_paths):
     ffn_weights = torch.randn(3 * c, c, dtype=dtype), torch.randn(c, 3 * c, dtype=dtype)
     token_mask = torch.ones(b, n, dtype=torch.bool)
     torch.manual_seed(DROPOUT_SEED)
+    torch.randint(0, 2, (words_before,))
     out = torch.ops.ipmt_fast.prototype_attention_block(prototype, tokens, token_mask, *weights, None, None,
                                                         blocks.LAYER_NORM_EPS, c ** -0.5, MASKED_LOGIT_BIAS, p, True)
     hidden = torch.ops.ipmt_fast.feed_forward_block(tokens, *ffn_weights, None, None, blocks.LAYER_NORM_EPS, p,
                                                     True, False)
     after = torch.rand(4)
     torch.manual_seed(DROPOUT_SEED)
+    torch.randint(0, 2, (words_before,))
     expected = [draw_multiplier(prototype, (b, m, n), dtype, p, True), draw_keep(prototype, (b, m, c), p, True),
                 draw_keep(tokens, (b, n, 3 * c), p, True), draw_keep(tokens, (b, n, c), p, True)]
     for got, want, name in zip((out[1], out[2], hidden[1], hidden[2]), expected,
