@@ -41,7 +41,7 @@ def test_the_installed_pass_salts_the_key_and_leaves_the_graph():
     assert inductor_config._pre_fusion_custom_pass is salt  # idempotent: not wrapped twice
 
 
-def test_a_users_pass_keeps_running_inside_the_salt(monkeypatch):
+def test_a_users_pass_keeps_running_inside_the_salt():
     class Reverse(CustomSchedulerPass):
         def __call__(self, nodes):
             return nodes[::-1]
@@ -49,17 +49,20 @@ def test_a_users_pass_keeps_running_inside_the_salt(monkeypatch):
         def uuid(self):
             return "users-reverse-pass"
 
-    monkeypatch.setattr(inductor_config, "_pre_fusion_custom_pass", Reverse())
-    assert compile_cache.install() is True
-    salt = inductor_config._pre_fusion_custom_pass
-    assert salt([1, 2, 3]) == [3, 2, 1]
-    assert salt.uuid() == f"{compile_cache.cache_key_salt()}; wrapped: users-reverse-pass"
+    # inductor_config.patch, not monkeypatch: undoing a monkeypatch deletes the setting from
+    # Inductor's config module.
+    with inductor_config.patch(_pre_fusion_custom_pass=Reverse()):
+        assert compile_cache.install() is True
+        salt = inductor_config._pre_fusion_custom_pass
+        assert salt([1, 2, 3]) == [3, 2, 1]
+        assert salt.uuid() == f"{compile_cache.cache_key_salt()}; wrapped: users-reverse-pass"
 
     def uncacheable(nodes):  # a plain callable: Inductor bypasses its caches for it anyway
         return nodes
-    monkeypatch.setattr(inductor_config, "_pre_fusion_custom_pass", uncacheable)
-    assert compile_cache.install() is False
-    assert inductor_config._pre_fusion_custom_pass is uncacheable
+    with inductor_config.patch(_pre_fusion_custom_pass=uncacheable):
+        assert compile_cache.install() is False
+        assert inductor_config._pre_fusion_custom_pass is uncacheable
+    assert isinstance(inductor_config._pre_fusion_custom_pass, CustomSchedulerPass)
 
 
 def _compile_and_count(fn, x):
