@@ -91,9 +91,13 @@ def _salt_pass_class():
 def install() -> bool:
     """Put the salt pass in Inductor's ``_pre_fusion_custom_pass`` (wrapping a pass already there);
     returns whether it is installed. Idempotent. A pre-fusion pass of a kind Inductor does not
-    cache (not a ``CustomSchedulerPass``) is left alone: Inductor bypasses its caches for it."""
-    import torch._inductor.config as inductor_config
-    from torch._inductor.custom_graph_pass import CustomSchedulerPass
+    cache (not a ``CustomSchedulerPass``) is left alone: Inductor bypasses its caches for it. A
+    torch without Inductor's custom passes has no such cache to key: nothing to install."""
+    try:
+        import torch._inductor.config as inductor_config
+        from torch._inductor.custom_graph_pass import CustomSchedulerPass
+    except ImportError:
+        return False
 
     salt_class = _salt_pass_class()
     current = inductor_config._pre_fusion_custom_pass

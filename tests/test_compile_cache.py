@@ -1,6 +1,7 @@
 """torch.compile's on-disk caches are keyed to this version's operators (ipmt_fast.compile_cache):
 a graph compiled against one definition of the custom ops is never served for another."""
-import pytest
+import sys
+
 import torch
 import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
@@ -63,6 +64,13 @@ def test_a_users_pass_keeps_running_inside_the_salt():
         assert compile_cache.install() is False
         assert inductor_config._pre_fusion_custom_pass is uncacheable
     assert isinstance(inductor_config._pre_fusion_custom_pass, CustomSchedulerPass)
+
+
+def test_without_inductors_custom_passes_nothing_is_installed(monkeypatch):
+    installed = inductor_config._pre_fusion_custom_pass
+    monkeypatch.setitem(sys.modules, "torch._inductor.custom_graph_pass", None)  # its import fails
+    assert compile_cache.install() is False
+    assert inductor_config._pre_fusion_custom_pass is installed
 
 
 def _compile_and_count(fn, x):
