@@ -421,10 +421,9 @@ def arithmetic_twin(variant: str) -> str:
             + (CHANNELS_LAST_SUFFIX if parsed.channels_last else ""))
 
 
-def flop_bound_fields(bench, variant: str, dtype_name: str, peak_flops: float) -> dict:
-    """GFLOP of one call of ``variant`` (its :func:`arithmetic_twin` counted) and the time they take
-    at the machine's measured dense peak: no implementation of that arithmetic is faster here."""
-    flops = common.count_flops(bench.runner(arithmetic_twin(variant), dtype_name))
+def flop_bound_fields(flops: int, peak_flops: float) -> dict:
+    """GFLOP of one call and the time they take at the machine's measured dense peak: no
+    implementation of that arithmetic is faster here."""
     return dict(gflop=flops / 1e9, peak_gflops=peak_flops / 1e9, flop_bound_ms=flops / peak_flops * 1e3)
 
 
@@ -452,6 +451,7 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
                 image_size=args.image_size, tokens=bench.tokens, width=args.width)
     ref = stats.get("reference")
     peak_flops = common.dense_peak_flops(device, common.DTYPES[dtype_name]) if args.flop_bound else None
+    flops_of_twin: Dict[str, int] = {}  # a twin counted once (auto and auto+graphs share theirs)
     rows = []
     for name, st in stats.items():
         row = dict(base, variant=name, **common.stats_fields(st))
@@ -477,7 +477,10 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
         if args.dense_time:
             row["dense_ms"] = common.dense_time_ms(variants[name], device)
         if peak_flops is not None and not parse_compile_variant(name):
-            row.update(flop_bound_fields(bench, name, dtype_name, peak_flops))
+            twin = arithmetic_twin(name)
+            if twin not in flops_of_twin:
+                flops_of_twin[twin] = common.count_flops(bench.runner(twin, dtype_name))
+            row.update(flop_bound_fields(flops_of_twin[twin], peak_flops))
         if args.saved_breakdown and pool_bytes is None:
             print_saved_breakdown(variants[name], bench, f"{bench.name} L={bench.num_layers} {dtype_name} {name}",
                                   args.saved_breakdown, log)

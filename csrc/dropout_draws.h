@@ -8,9 +8,10 @@
 // generator's mt19937 per element, make the same 53-bit uniform and compare it with the same
 // probability, the words produced in bulk (the state update and output function vectorised, per
 // instruction set): for IPMT's FFN masks at 473 px about 4x faster than drawing a word at a time
-// as the engine does, itself 1.8x at::bernoulli_'s speed (NOTES.md, 2026-12-07). Where at::bernoulli_ draws otherwise (with MKL's generator on
-// Intel CPUs), a check at first use finds the masks differ and the ops keep calling at::bernoulli_;
-// with the CPU paths off (cpu_loops.h) they call it too, as on CUDA.
+// as the engine does, itself 1.8x at::bernoulli_'s speed (NOTES.md, 2026-12-07). Where
+// at::bernoulli_ draws otherwise (with MKL's generator on Intel CPUs), a check at first use finds
+// the masks differ and the ops keep calling at::bernoulli_; with the CPU paths off (cpu_loops.h)
+// they call it too, as on CUDA.
 #pragma once
 
 #include <ATen/ATen.h>
