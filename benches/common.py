@@ -568,10 +568,30 @@ def count_cuda_kernels(fn: Callable[[], object], device: torch.device) -> Option
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
+# Environment variables that change how the host allocates memory. On the CPU the fresh pages of
+# each large tensor cost page faults that the allocator's policy decides (glibc's defaults return
+# large blocks to the system on free; NOTES.md, "The CPU allocator's share"), and the fused and the
+# published forms allocate differently: every result records which policy it ran under.
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                 "MALLOC_TOP_PAD_", "MALLOC_CONF", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_settings() -> Dict[str, str]:
+    """The set variables of ``ALLOCATOR_ENV`` (empty: the C library's default allocator)."""
+    return {name: os.environ[name] for name in ALLOCATOR_ENV if os.environ.get(name)}
+
+
+def describe_allocator() -> str:
+    """One phrase for a bench's header line: the allocator settings, or that there are none."""
+    settings = allocator_settings()
+    return " ".join(f"{k}={v}" for k, v in settings.items()) if settings else "default host allocator"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"device": device_label(device), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_cores": cpu_core_count(), "torch_threads": torch.get_num_threads(),
-            "processor": _cpu_model_name(), "platform": platform.platform()}
+            "processor": _cpu_model_name(), "platform": platform.platform(),
+            "allocator_env": allocator_settings()}
     try:
         import triton
         info["triton"] = triton.__version__

@@ -692,7 +692,8 @@ def main(argv=None) -> List[dict]:
     out_dir = common.results_dir(device, args.out)
     meta = common.run_metadata(device, "benches.layers")
     meta.update(regime=args.regime, threads=torch.get_num_threads())
-    print(f"# layers benchmark on {label}: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"# layers benchmark on {label}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{common.describe_allocator()}", flush=True)
     backends = candidate_backends(device, common.parse_str_list(args.backends) if args.backends else None)
     if not backends:
         raise SystemExit("no backend can run here")

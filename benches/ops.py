@@ -431,7 +431,8 @@ def main(argv=None) -> List[dict]:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise SystemExit(f"unknown ops {unknown}; known: {list(CASES)}")
-    print(f"# ops benchmark on {label}: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"# ops benchmark on {label}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{common.describe_allocator()}", flush=True)
     bandwidth = None
     if device.type == "cuda":
         bandwidth = common.measure_copy_bandwidth(device)

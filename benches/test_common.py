@@ -109,3 +109,15 @@ def test_dense_peak_is_the_fastest_probe(monkeypatch):
     assert common.dense_peak_flops(torch.device("cpu"), torch.float32) == max(mm_flops / 0.5, conv_flops / 0.25)
     fastest["conv"] = 1e3
     assert common.dense_peak_flops(torch.device("cpu"), torch.float32) == mm_flops / 0.5
+
+
+def test_machine_info_records_the_allocator_settings(monkeypatch):
+    for name in common.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert common.machine_info(torch.device("cpu"))["allocator_env"] == {}
+    assert common.describe_allocator() == "default host allocator"
+    tunables = "glibc.malloc.mmap_threshold=4294967296"
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "")  # set but empty: no setting
+    assert common.machine_info(torch.device("cpu"))["allocator_env"] == {"GLIBC_TUNABLES": tunables}
+    assert common.describe_allocator() == f"GLIBC_TUNABLES={tunables}"
