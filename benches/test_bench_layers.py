@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ipmt_fast
+from ipmt_fast.ops import extension
 
 from . import layers, summary
 
@@ -108,6 +109,24 @@ def test_every_row_counts_its_ops(tiny_run):
             assert s["ops_per_layer"] == pytest.approx(two["ops"] - one["ops"])
     ratios = [r for r in run["ratios"] if r["backend"] == "auto"]
     assert ratios and all(r["ops_ratio"] > 0 for r in ratios)
+
+
+def test_cpu_rows_count_the_compiled_ops_cuda_form(tiny_run):
+    """On the CPU the compiled ops' own loops replace ATen compositions that their CUDA form runs
+    (residual + dropout + layer norm is one loop here, several calls there): counted both ways."""
+    if torch.cuda.is_available() or extension.unavailable_reason("cpu") is not None:
+        pytest.skip("the CPU loops' switch needs the compiled extension on a CPU run")
+    _, run = tiny_run
+    for r in run["rows"]:
+        if r.get("median_ms") is None:
+            continue
+        if r["variant"] == "reference":
+            assert r["inner_ops"] == 0 and "inner_ops_cuda_form" not in r, r
+        else:
+            assert r["inner_ops_cuda_form"] > r["inner_ops"] > 0, r
+    slopes = {(s["bench"], s["variant"]): s for s in run["per_layer"]}
+    assert slopes[("transformer", "auto")]["inner_ops_cuda_form_per_layer"] > \
+        slopes[("transformer", "auto")]["inner_ops_per_layer"]
 
 
 def test_summary_prints_ops_per_layer_against_the_reference(tiny_run, capsys):
