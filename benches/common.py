@@ -468,13 +468,16 @@ NON_KERNEL_PREFIXES = ("Memcpy", "Memset")
 def count_dispatches(fn: Callable[[], object]) -> dict:
     """Run ``fn`` once under :class:`ipmt_fast.instrument.DispatchCounter`: ``ops`` (every op it
     dispatched from Python and autograd, forward and backward; an ``ipmt_fast`` custom op counts
-    once), ``inner_ops`` (the ATen calls those custom ops made, from C++ or Python) and
-    ``host_syncs`` (how many read device values on the host or moved data between host and device)."""
+    once), ``inner_ops`` (the ATen calls those custom ops made, from C++ or Python), ``device_ops``
+    (those of both that do device work: no view, allocation or custom op; on a GPU, the kernels
+    launched) and ``host_syncs`` (how many read device values on the host or moved data between
+    host and device)."""
     from ipmt_fast.instrument import DispatchCounter
 
     with DispatchCounter(inside_custom_ops=True) as counter:
         fn()
-    return {"ops": counter.total, "inner_ops": counter.inner_total, "host_syncs": len(counter.host_syncs)}
+    return {"ops": counter.total, "inner_ops": counter.inner_total,
+            "device_ops": counter.device_total + counter.inner_device_total, "host_syncs": len(counter.host_syncs)}
 
 
 # The ops whose arithmetic no fusion removes: convolutions and matrix products (their CPU kernels;

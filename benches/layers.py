@@ -429,13 +429,14 @@ def flop_bound_fields(flops: int, peak_flops: float) -> dict:
 
 def host_work(name: str, run: Callable[[], None], device: torch.device) -> dict:
     """Ops dispatched (and host syncs among them) and CUDA kernels launched by one untimed call.
-    On the CPU, where the compiled ops run loops of their own, also ``inner_ops_cuda_form``: the
-    ATen calls they make with those loops off, the compositions their CUDA kernels run (each a
-    launch there), so the CPU's count does not flatter what a GPU will issue."""
+    On the CPU, where the compiled ops run loops of their own, also ``inner_ops_cuda_form`` and
+    ``device_ops_cuda_form``: the counts with those loops off, as the compositions their CUDA
+    kernels run, so the CPU's count does not flatter what a GPU will issue."""
     work = {} if parse_compile_variant(name) else common.count_dispatches(run)
     if work.get("inner_ops") and device.type == "cpu" and extension.unavailable_reason("cpu") is None:
         with extension.cpu_paths(False):
-            work["inner_ops_cuda_form"] = common.count_dispatches(run)["inner_ops"]
+            cuda_form = common.count_dispatches(run)
+        work.update(inner_ops_cuda_form=cuda_form["inner_ops"], device_ops_cuda_form=cuda_form["device_ops"])
     work["cuda_kernels"] = common.count_cuda_kernels(run, device)
     return work
 
@@ -524,6 +525,9 @@ def per_layer_rows(rows: List[dict]) -> List[dict]:
                         inner_ops_per_layer=common.linear_slope(ls, [r.get("inner_ops") for r in members]),
                         inner_ops_cuda_form_per_layer=common.linear_slope(
                             ls, [r.get("inner_ops_cuda_form") for r in members]),
+                        device_ops_per_layer=common.linear_slope(ls, [r.get("device_ops") for r in members]),
+                        device_ops_cuda_form_per_layer=common.linear_slope(
+                            ls, [r.get("device_ops_cuda_form", r.get("device_ops")) for r in members]),
                         kernels_per_layer=common.linear_slope(ls, [r.get("cuda_kernels") for r in members])))
     return out
 
@@ -583,6 +587,8 @@ TABLE_COLUMNS = [
     ("peak RSS MiB", lambda r: common.fmt_mib(r.get("peak_rss_bytes"))),
     ("ops", lambda r: common.fmt_count(r.get("ops"))), ("in custom ops", lambda r: common.fmt_count(r.get("inner_ops"))),
     ("(CUDA form)", lambda r: common.fmt_count(r.get("inner_ops_cuda_form"))),
+    ("device ops", lambda r: common.fmt_count(r.get("device_ops"))),
+    ("(CUDA form)", lambda r: common.fmt_count(r.get("device_ops_cuda_form", r.get("device_ops")))),
     ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
     ("kernels", lambda r: common.fmt_count(r.get("cuda_kernels"))),
     ("dense ms", lambda r: common.fmt_ms(r.get("dense_ms"))),
@@ -598,6 +604,8 @@ SLOPE_COLUMNS = [
     ("ops/layer", lambda r: common.fmt_count(r["ops_per_layer"])),
     ("in custom ops/layer", lambda r: common.fmt_count(r.get("inner_ops_per_layer"))),
     ("(CUDA form)", lambda r: common.fmt_count(r.get("inner_ops_cuda_form_per_layer"))),
+    ("device ops/layer", lambda r: common.fmt_count(r.get("device_ops_per_layer"))),
+    ("(CUDA form)", lambda r: common.fmt_count(r.get("device_ops_cuda_form_per_layer"))),
     ("kernels/layer", lambda r: common.fmt_count(r["kernels_per_layer"])),
 ]
 RATIO_COLUMNS = [

@@ -120,13 +120,18 @@ def test_cpu_rows_count_the_compiled_ops_cuda_form(tiny_run):
     for r in run["rows"]:
         if r.get("median_ms") is None:
             continue
+        assert 0 < r["device_ops"] < r["ops"] + r["inner_ops"], r  # views and allocations do no device work
         if r["variant"] == "reference":
             assert r["inner_ops"] == 0 and "inner_ops_cuda_form" not in r, r
         else:
             assert r["inner_ops_cuda_form"] > r["inner_ops"] > 0, r
+            assert r["device_ops_cuda_form"] > r["device_ops"], r
     slopes = {(s["bench"], s["variant"]): s for s in run["per_layer"]}
-    assert slopes[("transformer", "auto")]["inner_ops_cuda_form_per_layer"] > \
-        slopes[("transformer", "auto")]["inner_ops_per_layer"]
+    auto = slopes[("transformer", "auto")]
+    assert auto["inner_ops_cuda_form_per_layer"] > auto["inner_ops_per_layer"]
+    assert auto["device_ops_cuda_form_per_layer"] > auto["device_ops_per_layer"] > 0
+    reference = slopes[("transformer", "reference")]
+    assert reference["device_ops_cuda_form_per_layer"] == reference["device_ops_per_layer"] > 0
 
 
 def test_summary_prints_ops_per_layer_against_the_reference(tiny_run, capsys):

@@ -15,7 +15,7 @@ ATen calls behind them can be reported.
 from __future__ import annotations
 
 from collections import Counter
-from typing import List
+from typing import List, Set
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,6 +41,12 @@ CUSTOM_OP_NAMESPACE = "ipmt_fast"
 # Tensor methods that read a CPU tensor's values without dispatching any op (on a GPU tensor they
 # dispatch a device-to-host copy first); the counter records their calls by wrapping them.
 HOST_READ_METHODS = ("tolist", "numpy")
+# Ops that allocate, re-describe memory or compute on dtypes only: like views
+# (``OpOverload.is_view``), they do no device work.
+NO_DEVICE_WORK_OPS = frozenset({
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+    "aten::resize_", "aten::set_", "aten::lift_fresh", "aten::_unsafe_view", "aten::promote_types",
+    "aten::result_type"})
 
 
 def _devices(value) -> List[torch.device]:
@@ -65,6 +71,9 @@ class DispatchCounter(TorchDispatchMode):
     Attributes:
         ops: ``Counter`` of op names (``aten::mm``, ``ipmt_fast::ms_deform_sample``...).
         inner_ops: ``Counter`` of the ops dispatched inside custom ops (``inside_custom_ops``).
+        without_device_work: the names among them that do no work on the device: views,
+            allocations and dtype functions (``NO_DEVICE_WORK_OPS``) and custom ops (whose inner calls do it). The others
+            are what a GPU would run as kernels (``device_total``, ``inner_device_total``).
         host_syncs: names of the ops that read device values on the host or moved data between
             the host and a device (``HOST_SYNC_OPS``, ``TENSOR_FROM_HOST_DATA_OPS``, any op whose
             tensor arguments and results sit on different devices, and the ``HOST_READ_METHODS``
@@ -76,6 +85,7 @@ class DispatchCounter(TorchDispatchMode):
         self.ops: Counter = Counter()
         self.inner_ops: Counter = Counter()
         self.host_syncs: List[str] = []
+        self.without_device_work: Set[str] = set()
         self._inside_custom_ops = inside_custom_ops
         self._custom_op_depth = 0
         self._saved_methods = {}
@@ -119,10 +129,22 @@ class DispatchCounter(TorchDispatchMode):
         """Every op dispatched inside custom ops (``inside_custom_ops=True``)."""
         return sum(self.inner_ops.values())
 
+    @property
+    def device_total(self) -> int:
+        """The ops outside custom ops that do device work (see ``without_device_work``)."""
+        return sum(n for name, n in self.ops.items() if name not in self.without_device_work)
+
+    @property
+    def inner_device_total(self) -> int:
+        """The ops inside custom ops that do device work (``inside_custom_ops=True``)."""
+        return sum(n for name, n in self.inner_ops.items() if name not in self.without_device_work)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
         (self.inner_ops if self._custom_op_depth else self.ops)[name] += 1
+        if func.is_view or name in NO_DEVICE_WORK_OPS or name.startswith(CUSTOM_OP_NAMESPACE + "::"):
+            self.without_device_work.add(name)
         if self._inside_custom_ops and name.startswith(CUSTOM_OP_NAMESPACE + "::"):
             out = self._run_counting_inside(func, args, kwargs)
         else:

@@ -44,3 +44,19 @@ def test_counts_inside_custom_ops_on_request():
     assert outside.ops == inside.ops and outside.inner_total == 0
     assert outside.ops["ipmt_fast::feed_forward"] == outside.ops["ipmt_fast::feed_forward_backward"] == 1
     assert inside.inner_ops["aten::mm"] >= 4  # the backward's matmuls, issued from C++
+    # The custom ops do their work through the calls inside them, so they are not device work.
+    assert {"ipmt_fast::feed_forward", "ipmt_fast::feed_forward_backward"} <= inside.without_device_work
+    assert inside.device_total < inside.total
+    assert inside.inner_ops["aten::mm"] <= inside.inner_device_total < inside.inner_total  # views inside too
+
+
+def test_device_work_leaves_out_views_and_allocations():
+    a, w = torch.randn(4, 3), torch.randn(5, 4)
+    with DispatchCounter() as counter:
+        y = a.t()  # a view
+        torch.empty(2)  # an allocation
+        out = torch.mm(y, w.t())  # a view, then a product
+        out.relu_()
+    assert counter.total == 5
+    assert counter.without_device_work == {"aten::t", "aten::empty"}
+    assert counter.device_total == 2  # the product and the ReLU: what a GPU would launch
