@@ -507,6 +507,12 @@ def print_saved_breakdown(run: Callable[[], None], bench, title: str, top: int, 
         log(f"  {common.fmt_mib(nbytes):>8} MiB  x{count:<3} {site}")
 
 
+def device_ops_cuda_form(row: dict) -> Optional[int]:
+    """A row's ops with device work as CUDA would run them: its own count where no CPU loop ran
+    (the reference, or a run on CUDA)."""
+    return row.get("device_ops_cuda_form", row.get("device_ops"))
+
+
 def per_layer_rows(rows: List[dict]) -> List[dict]:
     """Least-squares slopes over L of time and memory, per bench, dtype and variant."""
     groups: Dict[tuple, List[dict]] = {}
@@ -527,7 +533,7 @@ def per_layer_rows(rows: List[dict]) -> List[dict]:
                             ls, [r.get("inner_ops_cuda_form") for r in members]),
                         device_ops_per_layer=common.linear_slope(ls, [r.get("device_ops") for r in members]),
                         device_ops_cuda_form_per_layer=common.linear_slope(
-                            ls, [r.get("device_ops_cuda_form", r.get("device_ops")) for r in members]),
+                            ls, [device_ops_cuda_form(r) for r in members]),
                         kernels_per_layer=common.linear_slope(ls, [r.get("cuda_kernels") for r in members])))
     return out
 
@@ -588,7 +594,7 @@ TABLE_COLUMNS = [
     ("ops", lambda r: common.fmt_count(r.get("ops"))), ("in custom ops", lambda r: common.fmt_count(r.get("inner_ops"))),
     ("(CUDA form)", lambda r: common.fmt_count(r.get("inner_ops_cuda_form"))),
     ("device ops", lambda r: common.fmt_count(r.get("device_ops"))),
-    ("(CUDA form)", lambda r: common.fmt_count(r.get("device_ops_cuda_form", r.get("device_ops")))),
+    ("(CUDA form)", lambda r: common.fmt_count(device_ops_cuda_form(r))),
     ("syncs", lambda r: common.fmt_count(r.get("host_syncs"))),
     ("kernels", lambda r: common.fmt_count(r.get("cuda_kernels"))),
     ("dense ms", lambda r: common.fmt_ms(r.get("dense_ms"))),
