@@ -72,8 +72,9 @@ class DispatchCounter(TorchDispatchMode):
         ops: ``Counter`` of op names (``aten::mm``, ``ipmt_fast::ms_deform_sample``...).
         inner_ops: ``Counter`` of the ops dispatched inside custom ops (``inside_custom_ops``).
         without_device_work: the names among them that do no work on the device: views,
-            allocations and dtype functions (``NO_DEVICE_WORK_OPS``) and custom ops (whose inner calls do it). The others
-            are what a GPU would run as kernels (``device_total``, ``inner_device_total``).
+            allocations and dtype functions (``NO_DEVICE_WORK_OPS``) and custom ops (whose inner
+            calls do it). The others are what a GPU would run as kernels (``device_total``,
+            ``inner_device_total``).
         host_syncs: names of the ops that read device values on the host or moved data between
             the host and a device (``HOST_SYNC_OPS``, ``TENSOR_FROM_HOST_DATA_OPS``, any op whose
             tensor arguments and results sit on different devices, and the ``HOST_READ_METHODS``
@@ -143,9 +144,10 @@ class DispatchCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name
         (self.inner_ops if self._custom_op_depth else self.ops)[name] += 1
-        if func.is_view or name in NO_DEVICE_WORK_OPS or name.startswith(CUSTOM_OP_NAMESPACE + "::"):
+        custom = name.startswith(CUSTOM_OP_NAMESPACE + "::")
+        if custom or func.is_view or name in NO_DEVICE_WORK_OPS:
             self.without_device_work.add(name)
-        if self._inside_custom_ops and name.startswith(CUSTOM_OP_NAMESPACE + "::"):
+        if self._inside_custom_ops and custom:
             out = self._run_counting_inside(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
