@@ -256,41 +256,89 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block_backward(
 
 // ---------------------------------------------------------------------------------------------
 // prediction_head: E = FFN(LN(P)) (decoder_norm, mask_embed); logits = E T^T; next mask
+// With second tokens T2 it is also the head of (P, T2), as a second call would be, with dropout
+// masks of its own drawn after the first head's; logits = [E T^T, E2 T2^T] along the tokens.
+// The two heads share LN(P) and run their FFNs as one over the stacked rows [LN(P); LN(P)], so
+// the FFN's weight gradients come from one product each.
 // ---------------------------------------------------------------------------------------------
+
+namespace {
+
+bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The rows of head `head` (B, ...) of `t` (heads * B, ...): a view, `t` itself for one head.
+Tensor head_rows(const Tensor& t, int64_t head, int64_t batch) {
+  return t.size(0) == batch ? t : t.narrow(0, head * batch, batch);
+}
+
+}  // namespace
 
 // The layer norm's float32 input is not returned: it is the prototype itself outside autocast, and an
 // operator's output may not alias its input; the backward casts the prototype again instead.
+// `normed` is returned as the FFN's input rows, LN(P) once per head.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head(
-    const Tensor& prototype, const Tensor& tokens, const Tensor& norm_weight, const Tensor& norm_bias,
-    double norm_eps, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p, bool train,
-    optional<at::ScalarType> compute_dtype) {
+    const Tensor& prototype, const Tensor& tokens, const optional<Tensor>& second_tokens, const Tensor& norm_weight,
+    const Tensor& norm_bias, double norm_eps, const Tensor& hidden_weight, const Tensor& output_weight,
+    double dropout_p, bool train, optional<at::ScalarType> compute_dtype) {
   const Precision precision{compute_dtype};
+  const bool two_heads = given(second_tokens);
+  const int64_t batch = prototype.size(0);
   const Normed normed = residual_layer_norm(prototype, Tensor(), Tensor(), 0.0, norm_weight, norm_bias, norm_eps,
                                             precision);
   std::vector<int64_t> hidden_shape(prototype.sizes().begin(), prototype.sizes().end());
   hidden_shape.back() = hidden_weight.size(0);
-  const Tensor hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
-  auto [out, hidden] = feed_forward(precision.lower(normed.out), precision.lower(hidden_weight),
+  // In the order two calls draw them: a head's hidden mask, then its output mask.
+  Tensor hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
+  Tensor out_keep = draw_keep(prototype, prototype.sizes(), dropout_p, train);
+  Tensor rows = normed.out;
+  if (two_heads) {
+    const Tensor second_hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
+    const Tensor second_out_keep = draw_keep(prototype, prototype.sizes(), dropout_p, train);
+    if (present(hidden_keep)) {
+      hidden_keep = at::cat({hidden_keep, second_hidden_keep});
+      out_keep = at::cat({out_keep, second_out_keep});
+    }
+    rows = at::cat({normed.out, normed.out});
+  }
+  auto [out, hidden] = feed_forward(precision.lower(rows), precision.lower(hidden_weight),
                                     precision.lower(output_weight), optional_mask(hidden_keep),
                                     present(hidden_keep) ? keep_scale(dropout_p) : 1.0, false);
-  const Tensor out_keep = draw_keep(prototype, out.sizes(), dropout_p, train);
   const Tensor embedding =
-      residual_layer_norm(normed.out, out, out_keep, dropout_p, c10::nullopt, c10::nullopt, 0.0, precision).out;
+      residual_layer_norm(rows, out, out_keep, dropout_p, c10::nullopt, c10::nullopt, 0.0, precision).out;
   const Tensor lower_embedding = precision.lower(embedding);
-  auto [logits, next_mask] = prototype_mask_logits(lower_embedding, precision.lower(tokens),
-                                                   mask_logit_threshold(lower_embedding.scalar_type()));
-  return {logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed.out, normed.mean, normed.rstd};
+  const double threshold = mask_logit_threshold(lower_embedding.scalar_type());
+  auto [logits, next_mask] = prototype_mask_logits(head_rows(lower_embedding, 0, batch), precision.lower(tokens),
+                                                   threshold);
+  if (two_heads) {
+    const Tensor second_logits =
+        at::bmm(head_rows(lower_embedding, 1, batch), swap_last_two(precision.lower(*second_tokens)));
+    logits = at::cat({logits, second_logits}, -1);
+  }
+  return {logits, next_mask, hidden_keep, out_keep, hidden, embedding, rows, normed.mean, normed.rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backward(
-    const Tensor& grad_logits, const Tensor& prototype, const Tensor& tokens, const Tensor& norm_weight,
-    const Tensor& norm_bias, const Tensor& hidden_weight, const Tensor& output_weight, double dropout_p,
-    optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep, const Tensor& hidden,
-    const Tensor& embedding, const Tensor& normed, const Tensor& norm_mean, const Tensor& norm_rstd) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backward(
+    const Tensor& grad_logits, const Tensor& prototype, const Tensor& tokens, const optional<Tensor>& second_tokens,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& hidden_weight, const Tensor& output_weight,
+    double dropout_p, optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep,
+    const Tensor& hidden, const Tensor& embedding, const Tensor& normed, const Tensor& norm_mean,
+    const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
+  const bool two_heads = given(second_tokens);
+  const int64_t batch = prototype.size(0), first_tokens = tokens.size(1);
   const Tensor lower_embedding = precision.lower(embedding);
+  const Tensor grad = cast(grad_logits, lower_embedding.scalar_type());
   auto [grad_lower_embedding, grad_tokens] = prototype_mask_logits_backward(
-      cast(grad_logits, lower_embedding.scalar_type()), lower_embedding, precision.lower(tokens));
+      two_heads ? grad.narrow(-1, 0, first_tokens) : grad, head_rows(lower_embedding, 0, batch),
+      precision.lower(tokens));
+  Tensor grad_second_tokens;
+  if (two_heads) {
+    auto [grad_second_embedding, grad_second] = prototype_mask_logits_backward(
+        grad.narrow(-1, first_tokens, grad.size(-1) - first_tokens), head_rows(lower_embedding, 1, batch),
+        precision.lower(*second_tokens));
+    grad_lower_embedding = at::cat({grad_lower_embedding, grad_second_embedding});
+    grad_second_tokens = grad_second;
+  }
   const Tensor grad_embedding = as_dtype_of(grad_lower_embedding, embedding);
   const Tensor lower_normed = precision.lower(normed);
   const Tensor grad_branch =
@@ -298,12 +346,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_head_backw
   auto [grad_normed, grad_hidden_weight, grad_output_weight] = feed_forward_backward(
       grad_branch, lower_normed, precision.lower(hidden_weight), precision.lower(output_weight),
       optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, hidden);
-  const ResidualNormGrads norm = residual_layer_norm_backward(
-      grad_embedding + as_dtype_of(grad_normed, embedding), precision.norm_input(prototype), norm_mean, norm_rstd,
-      Tensor(), 0.0, norm_weight, norm_bias);
-  return {as_dtype_of(norm.sum, prototype), as_dtype_of(grad_tokens, tokens),
-          as_dtype_of(norm.weight, norm_weight), as_dtype_of(norm.bias, norm_bias),
-          as_dtype_of(grad_hidden_weight, hidden_weight), as_dtype_of(grad_output_weight, output_weight)};
+  Tensor grad_rows = grad_embedding + as_dtype_of(grad_normed, embedding);
+  // Both heads' rows are LN(P): their gradients add up before the norm's backward.
+  if (two_heads) grad_rows = head_rows(grad_rows, 0, batch) + head_rows(grad_rows, 1, batch);
+  const ResidualNormGrads norm = residual_layer_norm_backward(grad_rows.contiguous(), precision.norm_input(prototype),
+                                                              norm_mean, norm_rstd, Tensor(), 0.0, norm_weight,
+                                                              norm_bias);
+  return {as_dtype_of(norm.sum, prototype),
+          as_dtype_of(grad_tokens, tokens),
+          optional_grad(grad_second_tokens, second_tokens, grad_logits),
+          as_dtype_of(norm.weight, norm_weight),
+          as_dtype_of(norm.bias, norm_bias),
+          as_dtype_of(grad_hidden_weight, hidden_weight),
+          as_dtype_of(grad_output_weight, output_weight)};
 }
 
 // ---------------------------------------------------------------------------------------------

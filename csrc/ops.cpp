@@ -125,15 +125,17 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor out_keep, Tensor hidden, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd) "
         "-> (Tensor grad_x, Tensor grad_hidden_weight, Tensor grad_output_weight, Tensor grad_norm_weight, "
         "Tensor grad_norm_bias)");
-  m.def("prediction_head(Tensor prototype, Tensor tokens, Tensor norm_weight, Tensor norm_bias, float norm_eps, "
-        "Tensor hidden_weight, Tensor output_weight, float dropout_p, bool train, ScalarType? compute_dtype=None) "
+  m.def("prediction_head(Tensor prototype, Tensor tokens, Tensor? second_tokens, Tensor norm_weight, "
+        "Tensor norm_bias, float norm_eps, Tensor hidden_weight, Tensor output_weight, float dropout_p, bool train, "
+        "ScalarType? compute_dtype=None) "
         "-> (Tensor logits, Tensor next_mask, Tensor hidden_keep, Tensor out_keep, Tensor hidden, "
         "Tensor embedding, Tensor normed, Tensor norm_mean, Tensor norm_rstd)", seeded);
-  m.def("prediction_head_backward(Tensor grad_logits, Tensor prototype, Tensor tokens, Tensor norm_weight, "
-        "Tensor norm_bias, Tensor hidden_weight, Tensor output_weight, float dropout_p, ScalarType? compute_dtype, "
-        "Tensor hidden_keep, Tensor out_keep, Tensor hidden, Tensor embedding, Tensor normed, Tensor norm_mean, "
-        "Tensor norm_rstd) -> (Tensor grad_prototype, Tensor grad_tokens, "
-        "Tensor grad_norm_weight, Tensor grad_norm_bias, Tensor grad_hidden_weight, Tensor grad_output_weight)");
+  m.def("prediction_head_backward(Tensor grad_logits, Tensor prototype, Tensor tokens, Tensor? second_tokens, "
+        "Tensor norm_weight, Tensor norm_bias, Tensor hidden_weight, Tensor output_weight, float dropout_p, "
+        "ScalarType? compute_dtype, Tensor hidden_keep, Tensor out_keep, Tensor hidden, Tensor embedding, "
+        "Tensor normed, Tensor norm_mean, Tensor norm_rstd) -> (Tensor grad_prototype, Tensor grad_tokens, "
+        "Tensor grad_second_tokens, Tensor grad_norm_weight, Tensor grad_norm_bias, Tensor grad_hidden_weight, "
+        "Tensor grad_output_weight)");
   m.def("deformable_self_attention_block(Tensor tokens, Tensor pos, Tensor padding_mask, Tensor reference_points, "
         "Tensor offset_normalizer, int height, int width, Tensor value_weight, Tensor value_bias, "
         "Tensor offset_weight, Tensor offset_bias, Tensor attention_weight, Tensor attention_bias, "

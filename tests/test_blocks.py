@@ -44,6 +44,8 @@ DROPOUT_SEED = 1234
 # B images, M prototype rows, a 4 x 5 token map (N = 20), C channels, 2 heads of 3 points.
 BATCH, ROWS, HEIGHT, WIDTH, CHANNELS, HEADS, POINTS = 2, 3, 4, 5, 8, 2, 3
 TOKENS = HEIGHT * WIDTH
+# The head's second token set: two shots of the map.
+SECOND_TOKENS = 2 * TOKENS
 
 OPS = (blocks.ATTENTION_BLOCK, blocks.FEED_FORWARD_BLOCK, blocks.PREDICTION_HEAD, blocks.DEFORMABLE_BLOCK,
        blocks.QUERY_UPDATE_BLOCK)
@@ -72,8 +74,10 @@ def _trained_norm(channels, dtype, generator):
     return weight.to(dtype), bias.to(dtype)
 
 
-def make_case(op, dtype=torch.float64, norm=True, recompute_hidden=False, seed=0) -> Case:
-    """The inputs of one call of ``op`` in ``dtype`` (float64 oracles: ``.double()`` of them)."""
+def make_case(op, dtype=torch.float64, norm=True, recompute_hidden=False, second_tokens=False, seed=0) -> Case:
+    """The inputs of one call of ``op`` in ``dtype`` (float64 oracles: ``.double()`` of them);
+    ``second_tokens``: the head's second token set, as the query layers call it (more tokens than
+    the first set, as the support's shots are)."""
     torch.manual_seed(seed)  # the initialisers draw from the global generator, as the model's
     g = torch.Generator().manual_seed(seed + 1)
     c = CHANNELS
@@ -101,6 +105,9 @@ def make_case(op, dtype=torch.float64, norm=True, recompute_hidden=False, seed=0
                       norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=blocks.LAYER_NORM_EPS,
                       hidden_weight=_xavier(c, c, dtype), output_weight=_xavier(c, c, dtype))
         activations = ("prototype", "tokens")
+        if second_tokens:
+            kwargs["second_tokens"] = randn(BATCH, SECOND_TOKENS, c) / c ** 0.5
+            activations += ("second_tokens",)
     elif op == blocks.DEFORMABLE_BLOCK:
         layer = DeformableSelfAttention(c, HEADS, POINTS)
         with torch.no_grad():  # off the published initialisation's pixel centres
@@ -175,12 +182,16 @@ def _skip_unavailable(op, backend):
 VARIANTS = [(blocks.ATTENTION_BLOCK, dict(norm=True)), (blocks.ATTENTION_BLOCK, dict(norm=False))]
 VARIANTS += [(blocks.FEED_FORWARD_BLOCK, dict(norm=norm, recompute_hidden=recompute))
              for norm in (True, False) for recompute in (False, True)]
-VARIANTS += [(op, {}) for op in OPS[2:]]
+VARIANTS += [(op, {}) for op in OPS[2:]] + [(blocks.PREDICTION_HEAD, dict(second_tokens=True))]
 
 
 def _variant_id(op, options):
     return "-".join([op] + [f"{k}={v}" for k, v in options.items()])
 
+
+# Each op once, and the head with its second token set: the bf16, float32 and torch.compile checks.
+OP_CASES = [pytest.param(op, options, id=_variant_id(op, options))
+            for op, options in [(op, {}) for op in OPS] + [(blocks.PREDICTION_HEAD, dict(second_tokens=True))]]
 
 MATCH_CASES = [pytest.param(op, options, mode, id=f"{_variant_id(op, options)}-{mode}")
                for op, options in VARIANTS for mode in (("eval", "train") if op in WITH_DROPOUT else ("eval",))]
@@ -212,8 +223,8 @@ def test_matches_reference(op, options, mode, backend):
 # bf16 autocast: the compiled ops against the reference composition under the same autocast
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", OPS)
-def test_compiled_bf16_autocast_within_twice_the_reference_error(op, compiled_extension):
+@pytest.mark.parametrize("op, options", OP_CASES)
+def test_compiled_bf16_autocast_within_twice_the_reference_error(op, options, compiled_extension):
     """Float32 inputs (the model's parameters and activations) under CPU bf16 autocast: the result
     and the activations' gradients within twice the reference composition's own error (under the
     same autocast) of the float64 oracle, the parameters' gradients as one vector (each alone is a
@@ -226,7 +237,7 @@ def test_compiled_bf16_autocast_within_twice_the_reference_error(op, compiled_ex
     float32 prototype: both normalise float32 tensors, so this is a like-for-like comparison (the
     result dtypes below agree; with bf16 inputs the compiled op would return float32 and the
     reference bf16, and only a one-sided bound would be honest)."""
-    case = make_case(op, torch.float32, recompute_hidden=True)
+    case = make_case(op, torch.float32, recompute_hidden=True, **options)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = run(case, "compiled")
         reference = run(case, "reference")
@@ -248,14 +259,14 @@ def test_compiled_bf16_autocast_within_twice_the_reference_error(op, compiled_ex
                                torch.bfloat16, name=f"compiled {op} parameter gradients")
 
 
-@pytest.mark.parametrize("op", WITH_DROPOUT)
-def test_compiled_float32_train_within_twice_the_reference_error(op, either_cpu_paths):
+@pytest.mark.parametrize("op, options", [case for case in OP_CASES if case.values[0] in WITH_DROPOUT])
+def test_compiled_float32_train_within_twice_the_reference_error(op, options, either_cpu_paths):
     """Float32 in train mode (the same units dropped from one seed): every result and gradient of
     the compiled op within twice the float32 reference composition's own error of the float64
     oracle. On the CPU the compiled blocks close with one loop for the residual, dropout and layer
     norm (csrc/cpu_loops.cpp), whose statistics are not at::native_layer_norm's; without the CPU
     paths they run at::native_layer_norm as on CUDA."""
-    case = make_case(op, torch.float32)
+    case = make_case(op, torch.float32, **options)
     fused = run(case, "compiled", True, DROPOUT_P)
     reference = run(case, "reference", True, DROPOUT_P)
     oracle = run(converted(case, torch.float64), "reference", True, DROPOUT_P)
@@ -411,7 +422,7 @@ def op_arguments(case: Case, train=False, dropout_p=0.0):
                   norm_eps=blocks.LAYER_NORM_EPS, recompute_hidden=False)
     if case.op == blocks.DEFORMABLE_BLOCK:
         extras["fused_coordinate"] = grid_sample_rounds_once("cpu", case.kwargs["reference_points"].dtype)
-    values = {**extras, **case.kwargs}
+    values = {"second_tokens": None, **extras, **case.kwargs}
     schema = getattr(torch.ops.ipmt_fast, case.op).default._schema
     return [values[a.name] for a in schema.arguments if a.name != "compute_dtype"]
 
@@ -421,6 +432,8 @@ OPCHECK_CASES = [pytest.param(op, options, torch.float64, id=f"{_variant_id(op, 
                                      (blocks.FEED_FORWARD_BLOCK, dict(norm=False, recompute_hidden=True)))]
 OPCHECK_CASES += [pytest.param(op, {}, dtype, id=f"{op}-{str(dtype)[6:]}")
                   for op in OPS for dtype in (torch.float32, torch.float64)]
+OPCHECK_CASES += [pytest.param(blocks.PREDICTION_HEAD, dict(second_tokens=True), torch.float32,
+                               id=f"{blocks.PREDICTION_HEAD}-second_tokens=True-float32")]
 
 
 @pytest.mark.parametrize("op, options, dtype", OPCHECK_CASES)
@@ -448,11 +461,11 @@ def test_compiled_op_passes_opcheck(op, options, dtype, either_cpu_paths):
     torch.library.opcheck(backward, [cotangent] + [names[a.name] for a in backward._schema.arguments[1:]])
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_torch_compile_fullgraph_matches_eager(op, compiled_extension):
+@pytest.mark.parametrize("op, options", OP_CASES)
+def test_torch_compile_fullgraph_matches_eager(op, options, compiled_extension):
     """One compiled block op traced forward and backward as one graph (``aot_eager``: Dynamo and
     AOTAutograd over the op's fake, eager kernels) gives eager's values and gradients."""
-    case = make_case(op, torch.float32)
+    case = make_case(op, torch.float32, **options)
     fn = PUBLIC[op]
 
     def call(*leaves):
@@ -522,6 +535,9 @@ BAD_INPUTS = {
         ("tokens", lambda k: dict(k, tokens=k["tokens"][..., :-1])),
         ("tokens", lambda k: dict(k, tokens=k["tokens"].float())),
         ("tokens", lambda k: dict(k, tokens=_on_meta(k["tokens"]))),
+        ("second_tokens", lambda k: dict(k, second_tokens=k["tokens"][..., :-1])),
+        ("second_tokens", lambda k: dict(k, second_tokens=k["tokens"][:1])),
+        ("second_tokens", lambda k: dict(k, second_tokens=k["tokens"].float())),
         ("prediction_head needs its layer norm", lambda k: dict(k, norm_weight=None, norm_bias=None)),
         ("norm_bias given without norm_weight", lambda k: dict(k, norm_weight=None)),
         ("norm_weight", lambda k: dict(k, norm_weight=k["norm_weight"][:-1])),

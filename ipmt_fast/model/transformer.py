@@ -310,13 +310,14 @@ class IPMTransformer(OpModule):
             m.reset_parameters()
         nn.init.xavier_uniform_(self.level_embed)
 
-    def prediction_head(self, prototype, tokens):
+    def prediction_head(self, prototype, tokens, second_tokens=None):
         """Mask logits ``(B, 1, N)`` of ``tokens`` and the next attention mask ``(B, N)``: the
-        ``prediction_head`` op over ``decoder_norm`` and ``mask_embed``."""
+        ``prediction_head`` op over ``decoder_norm`` and ``mask_embed``; with ``second_tokens``
+        ``(B, N2, C)`` the logits ``(B, 1, N + N2)`` of both heads, as two calls make them."""
         fn = self.implementation(blocks.PREDICTION_HEAD, prototype.device)
         mask_embed = self._modules["mask_embed"]
         logits, next_mask = fn(prototype, tokens, *norm_arguments(self._modules["decoder_norm"]), *mask_embed.weights,
-                               mask_embed.dropout_p, self.training)
+                               mask_embed.dropout_p, self.training, second_tokens)
         return logits, next_mask[:, 0]
 
     def update_query(self, l: int, query, prototype, h: int, w: int):
@@ -384,9 +385,11 @@ class IPMTransformer(OpModule):
             query = self_layer(query, pos, padding, reference_points, normalizer, h, w, norms[2 * L + 2 * l], dropout_p)
             query = ffns[L + l](query, norms[2 * L + 2 * l + 1])
             prototype = cross_layer(mined[l], query, attn_mask)
-            logits, attn_mask = self.prediction_head(prototype, query)
+            # The published head of the query, then of the support: one op call.
+            logits, attn_mask = self.prediction_head(prototype, query, support)
+            logits, s_logits = logits.split([h * w, shot * h * w], dim=-1)
             query_logits.append(logits.view(b, 1, h, w))
-            support_logits.append(self.prediction_head(prototype, support)[0].view(b, shot, h, w))
+            support_logits.append(s_logits.view(b, shot, h, w))
             if l < L - 1:
                 query = self.update_query(l, query, prototype, h, w)
         return [tokens_to_map(query, h, w)], query_logits, support_logits

@@ -8,7 +8,8 @@ around it, so a transformer layer is a handful of op calls forward and backward.
     ``[LN](x + Drop(feed_forward(x)))``: IPMT's ``FFN`` and the layer norm after it.
 ``prediction_head``
     ``E = FFN(LN(P))`` (``decoder_norm``, ``mask_embed``), ``logits = E T^T`` and the next mask:
-    the published ``head(P, T)``.
+    the published ``head(P, T)``; with second tokens also ``head(P, T2)``'s logits, as the query
+    layers call the head twice with one prototype.
 ``deformable_self_attention_block``
     ``LN(T + Drop(deformable_self_attention(T + pos, T, ...)))``: the query self-attention layer
     with its residual and norm.
@@ -88,10 +89,16 @@ def _feed_forward_block(backend, x, hidden_weight, output_weight, norm_weight=No
 
 
 def _prediction_head(backend, prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight, output_weight,
-                     dropout_p=0.0, train=False):
-    embedding = _feed_forward_block(backend, _layer_norm(prototype, norm_weight, norm_bias, norm_eps), hidden_weight,
-                                    output_weight, dropout_p=dropout_p, train=train)
-    return query_activation.prototype_mask_logits(embedding, tokens, backend=backend)
+                     dropout_p=0.0, train=False, second_tokens=None):
+    def head(head_tokens):
+        embedding = _feed_forward_block(backend, _layer_norm(prototype, norm_weight, norm_bias, norm_eps),
+                                        hidden_weight, output_weight, dropout_p=dropout_p, train=train)
+        return query_activation.prototype_mask_logits(embedding, head_tokens, backend=backend)
+
+    logits, next_mask = head(tokens)
+    if second_tokens is not None:
+        logits = torch.cat([logits, head(second_tokens)[0]], -1)
+    return logits, next_mask
 
 
 def _deformable_block(backend, tokens, pos, padding_mask, reference_points, offset_normalizer, height, width,
@@ -213,23 +220,30 @@ def _feed_forward_block_backward_fake(grad_out, x, hidden_weight, output_weight,
     return (*contiguous_like(x, hidden_weight, output_weight), *_norm_grads_fake(grad_out, norm_weight, norm_bias))
 
 
-def _prediction_head_fake(prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight, output_weight, dropout_p,
-                          train, compute_dtype=None):
+def _prediction_head_fake(prototype, tokens, second_tokens, norm_weight, norm_bias, norm_eps, hidden_weight,
+                          output_weight, dropout_p, train, compute_dtype=None):
     normed, _, mean, rstd = _norm_fake(prototype, norm_weight, norm_bias, norm_eps, compute_dtype)
-    hidden_keep = _keep_fake(prototype, (*prototype.shape[:-1], hidden_weight.shape[0]), dropout_p, train)
-    out, hidden = ffn._compiled_fake(*[_lower(t, compute_dtype) for t in (normed, hidden_weight, output_weight)],
+    heads = 1 if second_tokens is None else 2
+    rows = normed if heads == 1 else torch.cat([normed, normed])  # LN(P) once per head
+    hidden_keep = _keep_fake(prototype, (*rows.shape[:-1], hidden_weight.shape[0]), dropout_p, train)
+    out, hidden = ffn._compiled_fake(*[_lower(t, compute_dtype) for t in (rows, hidden_weight, output_weight)],
                                      hidden_keep if _dropping(dropout_p, train) else None, 1.0, False)
     out_keep = _keep_fake(prototype, out.shape, dropout_p, train)
-    embedding = normed + out
-    logits, next_mask = query_activation._mask_logits_fake(_lower(embedding, compute_dtype),
-                                                           _lower(tokens, compute_dtype))
-    return logits, next_mask, hidden_keep, out_keep, hidden, embedding, normed, mean, rstd
+    embedding = rows + out
+    first = _lower(embedding[:prototype.shape[0]], compute_dtype)
+    logits, next_mask = query_activation._mask_logits_fake(first, _lower(tokens, compute_dtype))
+    if heads == 2:
+        logits = torch.cat([logits, first @ _lower(second_tokens, compute_dtype).transpose(1, 2)], -1)
+    return logits, next_mask, hidden_keep, out_keep, hidden, embedding, rows, mean, rstd
 
 
-def _prediction_head_backward_fake(grad_logits, prototype, tokens, norm_weight, norm_bias, hidden_weight,
-                                   output_weight, dropout_p, compute_dtype, hidden_keep, out_keep, hidden, embedding,
-                                   normed, norm_mean, norm_rstd):
-    return contiguous_like(prototype, tokens, norm_weight, norm_bias, hidden_weight, output_weight)
+def _prediction_head_backward_fake(grad_logits, prototype, tokens, second_tokens, norm_weight, norm_bias,
+                                   hidden_weight, output_weight, dropout_p, compute_dtype, hidden_keep, out_keep,
+                                   hidden, embedding, normed, norm_mean, norm_rstd):
+    second = grad_logits.new_empty(0) if second_tokens is None else contiguous_like(second_tokens)
+    grad_prototype, grad_tokens, *grad_parameters = contiguous_like(prototype, tokens, norm_weight, norm_bias,
+                                                                    hidden_weight, output_weight)
+    return (grad_prototype, grad_tokens, second, *grad_parameters)
 
 
 def _deformable_block_fake(tokens, pos, padding_mask, reference_points, offset_normalizer, height, width, value_weight,
@@ -302,9 +316,9 @@ def feed_forward_block_compiled(x, hidden_weight, output_weight, norm_weight=Non
 
 
 def prediction_head_compiled(prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight, output_weight,
-                             dropout_p=0.0, train=False):
-    outputs = torch.ops.ipmt_fast.prediction_head(prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight,
-                                                  output_weight, dropout_p, train)
+                             dropout_p=0.0, train=False, second_tokens=None):
+    outputs = torch.ops.ipmt_fast.prediction_head(prototype, tokens, second_tokens, norm_weight, norm_bias, norm_eps,
+                                                  hidden_weight, output_weight, dropout_p, train)
     return outputs[0], outputs[1]
 
 
@@ -413,7 +427,7 @@ def feed_forward_block(x: torch.Tensor, hidden_weight: torch.Tensor, output_weig
 
 def prediction_head(prototype: torch.Tensor, tokens: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                     norm_eps: float, hidden_weight: torch.Tensor, output_weight: torch.Tensor,
-                    dropout_p: float = 0.0, train: bool = False,
+                    dropout_p: float = 0.0, train: bool = False, second_tokens: Optional[torch.Tensor] = None,
                     backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """The published prediction head: ``E = FFN(LN(P))``, ``logits = E T^T``, next mask.
 
@@ -424,14 +438,21 @@ def prediction_head(prototype: torch.Tensor, tokens: torch.Tensor, norm_weight: 
         hidden_weight, output_weight: the FFN's ``(H, C)`` and ``(C, H)`` weights (``mask_embed``).
         dropout_p: probability of the FFN's dropouts.
         train: draw dropout masks (else none).
+        second_tokens: ``(B, N2, C)`` or None: also the head of ``(prototype, second_tokens)``, as a
+            second call after the first would compute it (its own dropout masks, drawn after the
+            first head's), its logits after the first's along the last dimension.
         backend: ``auto``, ``reference``, ``torch``, ``triton`` or ``compiled``.
 
     Returns:
-        ``(logits, next_mask)``, ``(B, M, N)`` each (see :func:`ipmt_fast.ops.prototype_mask_logits`).
+        ``(logits, next_mask)``: ``(B, M, N)`` each (see :func:`ipmt_fast.ops.prototype_mask_logits`),
+        with ``second_tokens`` logits ``(B, M, N + N2)`` and the next mask of ``tokens``.
     """
     check_tensor("prototype", prototype, ("B", "M", "C"))
     b, _, c = prototype.shape
     check_tensor("tokens", tokens, (b, "N", c), dtypes=(prototype.dtype,), device=prototype.device)
+    if second_tokens is not None:
+        check_tensor("second_tokens", second_tokens, (b, "N2", c), dtypes=(prototype.dtype,),
+                     device=prototype.device)
     _check_norm("norm", norm_weight, norm_bias, c, prototype)
     if norm_weight is None:
         raise ValueError("prediction_head needs its layer norm (norm_weight, norm_bias)")
@@ -440,7 +461,8 @@ def prediction_head(prototype: torch.Tensor, tokens: torch.Tensor, norm_weight: 
                  device=prototype.device)
     _check_dropout(dropout_p)
     fn = registry.get_implementation(PREDICTION_HEAD, backend, prototype.device)
-    return fn(prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight, output_weight, dropout_p, train)
+    return fn(prototype, tokens, norm_weight, norm_bias, norm_eps, hidden_weight, output_weight, dropout_p, train,
+              second_tokens)
 
 
 def deformable_self_attention_block(tokens: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor,
