@@ -53,11 +53,24 @@ struct Precision {
 // Dropout: 1 / (1 - p) on kept units (nothing is kept when p == 1).
 double keep_scale(double p) { return p == 1.0 ? 0.0 : 1.0 / (1.0 - p); }
 
+bool dropping(double p, bool train) { return train && p != 0.0; }
+
+// Draws into `keep` (a contiguous bool tensor, or a block of rows of one) the mask draw_keep would
+// return for its shape.
+void draw_keep_into(Tensor keep, double p) {
+  if (dropout_draw_loop_applies(keep)) {
+    draw_keep_mask_into(keep, 1.0 - p);
+  } else {
+    keep.bernoulli_(1.0 - p);
+  }
+}
+
 // A bool keep mask of `shape`, or an empty tensor when nothing is dropped.
 Tensor draw_keep(const Tensor& like, at::IntArrayRef shape, double p, bool train) {
-  if (!train || p == 0.0) return nothing(like, at::kBool);
-  if (dropout_draw_loop_applies(like)) return draw_keep_mask(shape, 1.0 - p);
-  return at::empty(shape, like.options().dtype(at::kBool)).bernoulli_(1.0 - p);
+  if (!dropping(p, train)) return nothing(like, at::kBool);
+  Tensor keep = at::empty(shape, like.options().dtype(at::kBool));
+  draw_keep_into(keep, p);
+  return keep;
 }
 
 // A multiplier of `shape` in `dtype` (0 or 1 / (1 - p)), or an empty tensor when nothing is dropped.
@@ -285,20 +298,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const int64_t batch = prototype.size(0);
   const Normed normed = residual_layer_norm(prototype, Tensor(), Tensor(), 0.0, norm_weight, norm_bias, norm_eps,
                                             precision);
-  std::vector<int64_t> hidden_shape(prototype.sizes().begin(), prototype.sizes().end());
+  const Tensor rows = two_heads ? at::cat({normed.out, normed.out}) : normed.out;
+  std::vector<int64_t> hidden_shape(rows.sizes().begin(), rows.sizes().end());
   hidden_shape.back() = hidden_weight.size(0);
-  // In the order two calls draw them: a head's hidden mask, then its output mask.
-  Tensor hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
-  Tensor out_keep = draw_keep(prototype, prototype.sizes(), dropout_p, train);
-  Tensor rows = normed.out;
-  if (two_heads) {
-    const Tensor second_hidden_keep = draw_keep(prototype, hidden_shape, dropout_p, train);
-    const Tensor second_out_keep = draw_keep(prototype, prototype.sizes(), dropout_p, train);
-    if (present(hidden_keep)) {
-      hidden_keep = at::cat({hidden_keep, second_hidden_keep});
-      out_keep = at::cat({out_keep, second_out_keep});
+  Tensor hidden_keep = nothing(prototype, at::kBool), out_keep = nothing(prototype, at::kBool);
+  if (dropping(dropout_p, train)) {
+    hidden_keep = at::empty(hidden_shape, prototype.options().dtype(at::kBool));
+    out_keep = at::empty(rows.sizes(), prototype.options().dtype(at::kBool));
+    // In the order two calls draw them: a head's hidden mask, then its output mask.
+    for (int64_t head = 0; head < (two_heads ? 2 : 1); ++head) {
+      draw_keep_into(head_rows(hidden_keep, head, batch), dropout_p);
+      draw_keep_into(head_rows(out_keep, head, batch), dropout_p);
     }
-    rows = at::cat({normed.out, normed.out});
   }
   auto [out, hidden] = feed_forward(precision.lower(rows), precision.lower(hidden_weight),
                                     precision.lower(output_weight), optional_mask(hidden_keep),

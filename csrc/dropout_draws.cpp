@@ -113,12 +113,11 @@ void draw(at::Generator generator, double keep_probability, DrawWith draw_with) 
   cpu->set_engine(engine);
 }
 
-at::Tensor keep_mask(at::Generator generator, at::IntArrayRef shape, double keep_probability) {
-  at::Tensor mask = at::empty(shape, at::TensorOptions().dtype(at::kBool));
+void fill_keep_mask(at::Generator generator, at::Tensor& mask, double keep_probability) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous(), "a keep mask is a contiguous bool tensor");
   draw(generator, keep_probability, [&](at::mt19937_data_pod& pod, uint64_t threshold) {
     draw_keep_flags(pod, mask.data_ptr<bool>(), mask.numel(), threshold);
   });
-  return mask;
 }
 
 // Whether the loop and at::bernoulli_ draw the same mask from one seed and leave the generator in
@@ -128,7 +127,8 @@ bool loop_matches_aten() {
   at::Generator loop_generator = at::detail::createCPUGenerator(kCheckSeed);
   const at::Tensor expected = at::empty({kCheckElements}, at::TensorOptions().dtype(at::kBool))
                                   .bernoulli_(kCheckKeepProbability, aten_generator);
-  const at::Tensor drawn = keep_mask(loop_generator, {kCheckElements}, kCheckKeepProbability);
+  at::Tensor drawn = at::empty({kCheckElements}, at::TensorOptions().dtype(at::kBool));
+  fill_keep_mask(loop_generator, drawn, kCheckKeepProbability);
   const auto next = [](const at::Generator& generator) {
     return at::check_generator<at::CPUGeneratorImpl>(generator)->random();
   };
@@ -143,8 +143,8 @@ bool dropout_draw_loop_applies(const at::Tensor& like) {
   return matches;
 }
 
-at::Tensor draw_keep_mask(at::IntArrayRef shape, double keep_probability) {
-  return keep_mask(at::detail::getDefaultCPUGenerator(), shape, keep_probability);
+void draw_keep_mask_into(at::Tensor& mask, double keep_probability) {
+  fill_keep_mask(at::detail::getDefaultCPUGenerator(), mask, keep_probability);
 }
 
 at::Tensor draw_keep_multiplier(at::IntArrayRef shape, at::ScalarType dtype, double keep_probability, double scale) {

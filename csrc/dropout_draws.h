@@ -22,8 +22,9 @@ namespace ipmt {
 // and at::bernoulli_ found to draw the same masks in this process.
 bool dropout_draw_loop_applies(const at::Tensor& like);
 
-// at::empty(shape, bool).bernoulli_(keep_probability) from the default CPU generator.
-at::Tensor draw_keep_mask(at::IntArrayRef shape, double keep_probability);
+// mask.bernoulli_(keep_probability) from the default CPU generator, for a contiguous bool tensor
+// (a fresh one, or a block of rows of one).
+void draw_keep_mask_into(at::Tensor& mask, double keep_probability);
 
 // at::empty(shape, dtype).bernoulli_(keep_probability).mul_(scale) from the default CPU generator,
 // `dtype` float32 or float64.

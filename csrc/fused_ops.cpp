@@ -33,9 +33,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
     scale_and_mask_logits_(logits, token_mask, scale, masked_bias);
   } else {
     mul_scalar_(logits, scale);
-    Tensor masked = at::logical_not(token_mask);
-    masked.logical_and_(token_mask.any(1, true));
-    logits.masked_fill_(masked.unsqueeze(2), masked_bias);
+    // Masked in an image with a token allowed: any(mask) > mask, over bools.
+    logits.masked_fill_(at::gt(token_mask.any(1, true), token_mask).unsqueeze(2), masked_bias);
   }
   const Tensor attention = at::_softmax(logits, 1, false);
   const Tensor kept = attn_keep.has_value() ? at::mul(attention, swap_last_two(*attn_keep)) : attention;
@@ -69,8 +68,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> masked_prototype_atte
     grad_logits = at::_softmax_backward_data(grad_logits, attention, 1, attention.scalar_type());
     mul_scalar_(grad_logits, scale);
   }
-  // dT = kept dpooled + dlogits q': one (B, N, 2M) x (B, 2M, C) product.
-  const Tensor grad_tokens = at::bmm(at::cat({kept, grad_logits}, 2), at::cat({grad_pooled, query_key}, 1));
+  // dT = kept dpooled + dlogits q': a product, then one added to it.
+  const Tensor grad_tokens = at::baddbmm(at::bmm(kept, grad_pooled), grad_logits, query_key);
   const Tensor grad_query_key = at::bmm(swap_last_two(grad_logits), tokens).view({b * m, c});
   const Tensor grad_query = at::mm(grad_query_key, swap_last_two(k_weight));
   const Tensor grad_k = at::mm(swap_last_two(query.view({b * m, c})), grad_query_key);
