@@ -336,19 +336,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_he
     const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
   const bool two_heads = given(second_tokens);
-  const int64_t batch = prototype.size(0), first_tokens = tokens.size(1);
+  const int64_t batch = prototype.size(0);
   const Tensor lower_embedding = precision.lower(embedding);
   const Tensor grad = cast(grad_logits, lower_embedding.scalar_type());
-  auto [grad_lower_embedding, grad_tokens] = prototype_mask_logits_backward(
-      two_heads ? grad.narrow(-1, 0, first_tokens) : grad, head_rows(lower_embedding, 0, batch),
-      precision.lower(tokens));
-  Tensor grad_second_tokens;
-  if (two_heads) {
-    auto [grad_second_embedding, grad_second] = prototype_mask_logits_backward(
-        grad.narrow(-1, first_tokens, grad.size(-1) - first_tokens), head_rows(lower_embedding, 1, batch),
-        precision.lower(*second_tokens));
-    grad_lower_embedding = at::cat({grad_lower_embedding, grad_second_embedding});
-    grad_second_tokens = grad_second;
+  // logits = [E T^T, E2 T2^T]: each head's rows of the embedding's gradient written in place.
+  Tensor grad_lower_embedding = at::empty_like(lower_embedding);
+  const std::vector<Tensor> head_tokens =
+      two_heads ? std::vector<Tensor>{tokens, *second_tokens} : std::vector<Tensor>{tokens};
+  std::vector<Tensor> grad_head_tokens;
+  int64_t start = 0;
+  for (size_t head = 0; head < head_tokens.size(); ++head) {
+    const Tensor lower_tokens = precision.lower(head_tokens[head]);
+    const Tensor grad_head = two_heads ? grad.narrow(-1, start, lower_tokens.size(1)) : grad;
+    Tensor grad_head_embedding = head_rows(grad_lower_embedding, head, batch);
+    at::bmm_out(grad_head_embedding, grad_head, lower_tokens);
+    grad_head_tokens.push_back(at::bmm(swap_last_two(grad_head), head_rows(lower_embedding, head, batch)));
+    start += lower_tokens.size(1);
   }
   const Tensor grad_embedding = as_dtype_of(grad_lower_embedding, embedding);
   const Tensor lower_normed = precision.lower(normed);
@@ -364,8 +367,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_he
                                                               norm_mean, norm_rstd, Tensor(), 0.0, norm_weight,
                                                               norm_bias);
   return {as_dtype_of(norm.sum, prototype),
-          as_dtype_of(grad_tokens, tokens),
-          optional_grad(grad_second_tokens, second_tokens, grad_logits),
+          as_dtype_of(grad_head_tokens[0], tokens),
+          optional_grad(two_heads ? grad_head_tokens[1] : Tensor(), second_tokens, grad_logits),
           as_dtype_of(norm.weight, norm_weight),
           as_dtype_of(norm.bias, norm_bias),
           as_dtype_of(grad_hidden_weight, hidden_weight),
@@ -421,8 +424,10 @@ deformable_self_attention_block_backward(
   // In place: the layer norm's backward made norm.sum (grad_branch, which may be it, is used up).
   Tensor grad_tokens = as_dtype_of(norm.sum, tokens);
   grad_tokens.add_(std::get<1>(grads)).add_(grad_query);
+  // pos may be broadcast over the batch: its gradient sums over it then.
+  const Tensor grad_pos = grad_query.sizes() == pos.sizes() ? grad_query : grad_query.sum_to_size(pos.sizes());
   return {grad_tokens,
-          as_dtype_of(grad_query.sum_to_size(pos.sizes()), pos),
+          as_dtype_of(grad_pos, pos),
           as_dtype_of(std::get<2>(grads), value_weight),
           as_dtype_of(std::get<3>(grads), value_bias),
           as_dtype_of(std::get<4>(grads), offset_weight),
