@@ -30,6 +30,9 @@ Tensor nothing(const Tensor& like, at::ScalarType dtype) { return at::empty({0},
 
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
 
+// Whether an optional tensor argument was given (not None).
+bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
 struct Precision {
   optional<at::ScalarType> compute;
 
@@ -75,7 +78,7 @@ Tensor draw_keep(const Tensor& like, at::IntArrayRef shape, double p, bool train
 
 // A multiplier of `shape` in `dtype` (0 or 1 / (1 - p)), or an empty tensor when nothing is dropped.
 Tensor draw_multiplier(const Tensor& like, at::IntArrayRef shape, at::ScalarType dtype, double p, bool train) {
-  if (!train || p == 0.0) return nothing(like, dtype);
+  if (!dropping(p, train)) return nothing(like, dtype);
   if ((dtype == at::kFloat || dtype == at::kDouble) && dropout_draw_loop_applies(like)) {
     return draw_keep_multiplier(shape, dtype, 1.0 - p, keep_scale(p));
   }
@@ -114,7 +117,7 @@ struct Normed {
 // LayerNorm over the last dimension, or `x` itself with empty statistics when there is no weight.
 Normed layer_norm(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                   const Precision& precision) {
-  if (!weight.has_value() || !weight->defined()) {
+  if (!given(weight)) {
     // Distinct empty tensors: an operator's outputs may not alias one another.
     return {x, nothing(x, x.scalar_type()), nothing(x, x.scalar_type()), nothing(x, x.scalar_type())};
   }
@@ -130,7 +133,7 @@ struct NormGrads {
 NormGrads layer_norm_backward(const Tensor& grad, const Tensor& input, const Tensor& mean, const Tensor& rstd,
                               const optional<Tensor>& weight, const optional<Tensor>& bias) {
   if (!present(input)) return {grad, Tensor(), Tensor()};
-  const bool with_bias = bias.has_value() && bias->defined();
+  const bool with_bias = given(bias);
   auto [grad_input, grad_weight, grad_bias] = at::native_layer_norm_backward(
       cast(grad, input.scalar_type()), input, {input.size(-1)}, mean, rstd, weight, bias, {true, true, with_bias});
   return {grad_input, grad_weight, grad_bias};
@@ -172,8 +175,7 @@ Tensor as_dtype_of(const Tensor& grad, const Tensor& like) { return cast(grad, l
 // The gradient of an optional argument: empty where the argument was None (the autograd layer
 // gives None for it).
 Tensor optional_grad(const Tensor& grad, const optional<Tensor>& argument, const Tensor& like) {
-  return grad.defined() && argument.has_value() && argument->defined() ? as_dtype_of(grad, *argument)
-                                                                       : nothing(like, like.scalar_type());
+  return grad.defined() && given(argument) ? as_dtype_of(grad, *argument) : nothing(like, like.scalar_type());
 }
 
 }  // namespace
@@ -276,8 +278,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block_backward(
 // ---------------------------------------------------------------------------------------------
 
 namespace {
-
-bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // The rows of head `head` (B, ...) of `t` (heads * B, ...): a view, `t` itself for one head.
 Tensor head_rows(const Tensor& t, int64_t head, int64_t batch) {
