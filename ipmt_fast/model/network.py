@@ -2,6 +2,8 @@
 transformer, segmentation head and losses. One definition for every backend."""
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,13 +108,26 @@ class IPMT(nn.Module):
 
     @property
     def backend(self) -> str:
+        """The model-wide backend name (:meth:`set_backend`)."""
         return self.transformer.backend
 
-    def set_backend(self, backend: str) -> "IPMT":
-        """Route every op through ``backend`` (same weights, same math): the transformer's ops, and
-        the backbone literal (``reference``, the published conv then batch norm) or with each
-        batch norm folded into its conv (any other). Returns ``self``."""
-        self.transformer.set_backend(backend)
+    @property
+    def op_backends(self) -> Mapping[str, str]:
+        """The transformer ops that run with a backend of their own (op name -> backend name): a
+        copy; :meth:`set_backend` changes them."""
+        return dict(self.transformer.op_backends)
+
+    @property
+    def ops(self) -> tuple:
+        """The names of the ops the transformer calls."""
+        return self.transformer.ops
+
+    def set_backend(self, backend: str, op_backends: Optional[Mapping[str, str]] = None) -> "IPMT":
+        """Route every op through ``backend`` (same weights, same math): the transformer's ops (those
+        named in ``op_backends`` through theirs, see :meth:`IPMTransformer.set_backend`), and the
+        backbone literal (``reference``, the published conv then batch norm) or with each batch
+        norm folded into its conv (any other). Returns ``self``."""
+        self.transformer.set_backend(backend, op_backends)
         self.backbone.set_folded(backend != "reference")
         return self
 

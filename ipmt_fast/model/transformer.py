@@ -14,7 +14,7 @@ checkpoints; the published code's never-used layer norms and FFNs are not create
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,11 @@ POS_EPS = 1e-6
 # The published support-mask repair: a mask with no foreground gets its centre 2x2 set, one
 # with no background gets its four corners cleared, so attention never sees a uniform mask.
 REPAIR_HALF = 1
+
+
+# The ops a transformer layer calls, one per sub-layer.
+MODEL_OPS = (blocks.ATTENTION_BLOCK, blocks.FEED_FORWARD_BLOCK, blocks.DEFORMABLE_BLOCK, blocks.PREDICTION_HEAD,
+             blocks.QUERY_UPDATE_BLOCK)
 
 
 def check_backend_name(backend: str) -> str:
@@ -72,15 +77,19 @@ class OpModule(nn.Module):
     then goes straight to the backend's form, its arguments checked where they entered the model."""
 
     backend = "auto"
+    # Per-op exceptions to ``backend`` (op name -> backend name), e.g. chosen by measurement
+    # (:func:`ipmt_fast.tune_backends`); replaced, never changed in place, model-wide by
+    # :meth:`IPMTransformer.set_backend`.
+    op_backends: Mapping[str, str] = {}
 
     def __init__(self):
         super().__init__()
         self._implementations = {}
 
     def op_backend(self, op: str) -> str:
-        """The backend ``op`` runs with: the model-wide name, or ``torch`` for an op that has no
-        implementation of that name."""
-        return resolve_backend_name(op, self.backend)
+        """The backend ``op`` runs with: its per-op name if it has one, else the model-wide name;
+        ``torch`` for an op that has no implementation of that name."""
+        return resolve_backend_name(op, self.op_backends.get(op, self.backend))
 
     def implementation(self, op: str, device: torch.device):
         """The function that runs ``op`` on ``device``'s tensors with this module's backend."""
@@ -281,13 +290,26 @@ class IPMTransformer(OpModule):
         self.set_recompute_ffn(recompute_ffn)
         self.reset_parameters()
 
-    def set_backend(self, backend: str) -> "IPMTransformer":
-        """Route every op of this transformer through ``backend`` (same weights, same math).
+    @property
+    def ops(self) -> tuple:
+        """The names of the ops this transformer calls (``ipmt_fast.ops.blocks``)."""
+        return MODEL_OPS
+
+    def set_backend(self, backend: str, op_backends: Optional[Mapping[str, str]] = None) -> "IPMTransformer":
+        """Route every op of this transformer through ``backend`` (same weights, same math), or the
+        ops named in ``op_backends`` (op name -> backend name, ops from :attr:`ops`) through theirs.
         Returns ``self``."""
         check_backend_name(backend)
+        exceptions = dict(op_backends or {})
+        for op, name in exceptions.items():
+            if op not in MODEL_OPS:
+                raise ValueError(f"op_backends names {op!r}, which this transformer does not call; its ops are "
+                                 f"{MODEL_OPS}")
+            check_backend_name(name)
         for m in self.modules():
             if isinstance(m, OpModule):
                 m.backend = backend
+                m.op_backends = exceptions
                 m.forget_implementations()
         return self
 

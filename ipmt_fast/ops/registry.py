@@ -99,6 +99,12 @@ def registered_backends(op: str) -> tuple:
     return tuple(_REGISTRY[op])
 
 
+def available_backends(op: str, device_type: str) -> tuple:
+    """The backend names of ``op`` that can run on ``device_type`` tensors here (an extension that
+    must build is built, once), in registration order."""
+    return tuple(name for name, impl in _REGISTRY[op].items() if impl.unavailable_reason(device_type) is None)
+
+
 def resolve_backend_name(op: str, backend: str) -> str:
     """Map a model-wide backend name to the one ``op`` uses (see module docstring)."""
     if backend not in BACKENDS + ("auto",):
