@@ -50,9 +50,10 @@ if os.environ.get(SKIP_VERSION_CHECK_VARIABLE) != "1":
 from . import compile_cache, inductor_fix, ops  # noqa: E402 (after the version check)
 from .model import (IPMT, IPMTransformer, duplex_segmentation_loss, load_published_checkpoint,  # noqa: E402
                     weighted_dice_loss)
+from .tuning import TuningResult, tune_backends  # noqa: E402
 
 __version__ = "0.1.0"
 inductor_fix.apply()
 compile_cache.install()
-__all__ = ["IPMT", "IPMTransformer", "duplex_segmentation_loss", "load_published_checkpoint", "ops",
-           "weighted_dice_loss"]
+__all__ = ["IPMT", "IPMTransformer", "TuningResult", "duplex_segmentation_loss", "load_published_checkpoint", "ops",
+           "tune_backends", "weighted_dice_loss"]
