@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "continue later with --resume")
     g.add_argument("--tensorboard", action="store_true", default=None, help="also log to TensorBoard if installed")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    g.add_argument("--tune-backends", action=argparse.BooleanOptionalAction, default=None,
+                   help="before training, choose each op's backend by timing a forward + backward of the first "
+                        "batch here (time only; README, Backends by measurement)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint", description=(
         "Evaluate a checkpoint (ours or published) with the published protocol: fixed-seed episodes, "

@@ -53,6 +53,15 @@ def test_recompute_ffn_flag_reaches_the_model(flag, expected):
     assert ffns and all(m.recompute_hidden is expected for m in ffns)
 
 
+@pytest.mark.parametrize("flag, expected", [([], False), (["--tune-backends"], True), (["--no-tune-backends"], False)])
+def test_tune_backends_flag_reaches_the_config(flag, expected):
+    """(The tuning itself: tests/test_trainer.py and tests/test_tuning.py.)"""
+    from ipmt_fast.cli import _overrides, build_parser
+
+    cfg = make_config(None, **_overrides(build_parser().parse_args(["train", *TINY, *flag])))
+    assert cfg.tune_backends is expected
+
+
 @pytest.mark.parametrize("flag, expected", [([], torch.contiguous_format), (["--channels-last"], torch.channels_last)])
 def test_channels_last_flag_reaches_the_model(flag, expected):
     from ipmt_fast.cli import _overrides, build_parser

@@ -101,7 +101,10 @@ def test_poly_schedule_scaled_by_15_and_constant_transformer_lr(small_model, tmp
 
 
 def _train_losses_and_weights(model, tmp_path, steps):
-    trainer = Trainer(small_config(tmp_path, steps=steps, batch_size=1), model=model)
+    return _losses_and_weights(Trainer(small_config(tmp_path, steps=steps, batch_size=1), model=model), steps)
+
+
+def _losses_and_weights(trainer, steps):
     trainer.model.train()
     trainer.sampler.set_epoch(0)
     losses = []
@@ -140,6 +143,25 @@ def test_fused_backends_follow_the_reference_trajectory_from_the_published_init(
     assert_close(fused_losses, ref_losses, rtol=rtol, name="losses")
     for name, ref in ref_weights.items():
         assert_close(fused_weights[name], ref, rtol=rtol, name=name)
+
+
+def test_tuned_backends_follow_the_same_trajectory(small_model, tmp_path, monkeypatch, compiled_extension):
+    """``tune_backends``: the trainer tunes on the first batch before training, the model runs the
+    choices, and the run's losses and weights are the untuned run's (tuning leaves the weights
+    and the random stream as it found them; the backends agree in float64)."""
+    # The Triton interpreter's kernels are minutes of tuning at these sizes: compiled against torch.
+    monkeypatch.setattr(ipmt_fast.tuning, "EXCLUDED_BY_DEFAULT", ("reference", "triton"))
+    start = copy.deepcopy(small_model).to(torch.float64).set_backend("auto")
+    expected = _train_losses_and_weights(copy.deepcopy(start), tmp_path / "auto", TRAJECTORY_STEPS)
+    trainer = Trainer(small_config(tmp_path / "tuned", steps=TRAJECTORY_STEPS, batch_size=1, tune_backends=True),
+                      model=copy.deepcopy(start))
+    assert trainer.tuning.initial == dict.fromkeys(trainer.model.ops, "compiled")
+    assert trainer.model.op_backends == trainer.tuning.choices
+    assert all(set(times) == {"compiled", "torch"} for times in trainer.tuning.timings.values())
+    losses, weights = _losses_and_weights(trainer, TRAJECTORY_STEPS)
+    assert_close(losses, expected[0], rtol=1e-9, name="losses")
+    for name, ref in expected[1].items():
+        assert_close(weights[name], ref, rtol=1e-9, name=name)
 
 
 def _state_of(path):

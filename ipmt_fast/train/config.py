@@ -80,6 +80,9 @@ class TrainConfig:
     cuda_graphs: bool = False
     # torch.compile the model (fullgraph; training and evaluation). An alternative to cuda_graphs.
     compile: bool = False
+    # Choose each transformer op's backend by timing a forward + backward of the first batch on this
+    # device before training (ipmt_fast.tune_backends): time only, the same values up to rounding.
+    tune_backends: bool = False
     # evaluation
     eval: bool = True
     eval_every: Optional[int] = None  # iterations; default once per epoch

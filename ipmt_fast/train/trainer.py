@@ -36,6 +36,7 @@ import torch
 from ..data import (EpisodeBatchSampler, EpisodeDataset, SyntheticEpisodes, TrainTransform, ValTransform,
                     collate_episodes, fold_classes, make_loader)
 from ..model import IPMT, CheckpointError, load_published_checkpoint, read_checkpoint
+from ..tuning import TuningResult, tune_backends
 from .amp import autocast
 from .config import TrainConfig, default_list
 from .distributed import DistContext, all_gather_objects, all_reduce_mean, barrier, init_distributed
@@ -350,6 +351,7 @@ class Trainer:
 
         if cfg.calibrate_backbone and not (cfg.backbone_weights or cfg.weight or cfg.resume or model is not None):
             self._calibrate_backbone()
+        self.tuning: Optional[TuningResult] = self._tune_backends() if cfg.tune_backends else None
 
         self.iteration = 0
         self.best_miou = -math.inf
@@ -367,6 +369,28 @@ class Trainer:
         images = torch.cat([batch["image"], batch["support_images"].flatten(0, 1)])
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
         calibrate_frozen_batchnorm(self.model.backbone, images.to(self.device, dtype))
+
+    def _tune_backends(self) -> TuningResult:
+        """Each op's backend by timing a forward + backward of this rank's share of the first batch
+        (before any graph is captured or compiled). Every rank runs rank 0's choices."""
+        keys = next(iter(EpisodeBatchSampler(len(self.train_data), self.cfg.batch_size, self.ctx.rank,
+                                             self.ctx.world_size, seed=self.cfg.manual_seed)))
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        x, s_x, s_y, y = episode_inputs(collate_episodes([self.train_data[key] for key in keys]), self.device, dtype)
+
+        def forward_backward():
+            self.model.zero_grad(set_to_none=True)
+            with autocast(self.device, self.cfg.amp):
+                _, main_loss, aux_loss = self.model(x, s_x, s_y, y)
+            (main_loss + self.cfg.aux_weight * aux_loss).backward()
+
+        self.model.train()
+        result = tune_backends(self.model, forward_backward, progress=self.ctx.is_main and self.cfg.progress)
+        choices = all_gather_objects(result.choices)[0]
+        self.model.set_backend(self.model.backend, choices)
+        if self.ctx.is_main:
+            self._print(result.table())
+        return result
 
     # ----------------------------------------------------------------------- schedule
     @property
