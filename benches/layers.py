@@ -95,9 +95,12 @@ HOST_COMPILE_VARIANTS = {"cpu": "compile(reference),compile(auto),compile(refere
 # A variant is a model-wide backend name, optionally with these suffixes: +recompute, the
 # transformer's FFNs recompute their hidden activations in backward instead of keeping them
 # (``recompute_ffn``); +channels_last, the network's feature maps run channels-last
-# (``IPMT.set_channels_last``); +graphs, the timed call is captured in a CUDA graph and replayed.
+# (``IPMT.set_channels_last``); +tuned, each op's backend chosen by timing the variant's own call
+# (``ipmt_fast.tune_backends``, before the timed calls); +graphs, the timed call is captured in a
+# CUDA graph and replayed.
 RECOMPUTE_SUFFIX = "+recompute"
 CHANNELS_LAST_SUFFIX = "+channels_last"
+TUNED_SUFFIX = "+tuned"
 GRAPHS_SUFFIX = "+graphs"
 # Variants run by default, after every runnable backend: what users get, and its graphed forms.
 DEFAULT_EXTRA_VARIANTS = ("auto", "auto" + RECOMPUTE_SUFFIX)
@@ -109,17 +112,19 @@ class Variant(NamedTuple):
     recompute: bool
     graphed: bool
     channels_last: bool = False
+    tuned: bool = False
 
 
 def split_variant(variant: str) -> Variant:
-    """The parts of a variant ``<backend>[+recompute][+channels_last][+graphs]`` (in that order)."""
+    """The parts of a variant ``<backend>[+recompute][+channels_last][+tuned][+graphs]`` (in that
+    order)."""
     rest = variant
     flags = []
-    for suffix in (GRAPHS_SUFFIX, CHANNELS_LAST_SUFFIX, RECOMPUTE_SUFFIX):
+    for suffix in (GRAPHS_SUFFIX, TUNED_SUFFIX, CHANNELS_LAST_SUFFIX, RECOMPUTE_SUFFIX):
         flags.append(rest.endswith(suffix))
         rest = rest.removesuffix(suffix)
-    graphed, channels_last, recompute = flags
-    return Variant(rest, recompute, graphed, channels_last)
+    graphed, tuned, channels_last, recompute = flags
+    return Variant(rest, recompute, graphed, channels_last, tuned)
 
 
 def parse_compile_variant(variant: str) -> Optional[Tuple[str, Optional[str]]]:
@@ -353,6 +358,10 @@ class StepBench:
             self._copies[variant] = model, self.make_optimizers(model, published)
         return self._copies[variant]
 
+    def module_for(self, variant: str) -> torch.nn.Module:
+        """The network configured as ``variant`` (see :meth:`copy_for`)."""
+        return self.copy_for(variant)[0]
+
     def parameters_and_buffers(self) -> List[torch.Tensor]:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         for model, optimizers in self._copies.values():
@@ -399,12 +408,18 @@ class GraphedStepRun:
         return self.step.pool_bytes
 
 
-def build_variants(bench, backends: List[str], compile_variants: List[str], dtype_name: str) -> Dict[str, Callable]:
-    """The timed call of every variant (``compile(...)`` ones compile lazily, at their first call)."""
+def build_variants(bench, backends: List[str], compile_variants: List[str], dtype_name: str,
+                   log=print) -> Dict[str, Callable]:
+    """The timed call of every variant (``compile(...)`` ones compile lazily, at their first call;
+    ``+tuned`` ones are tuned here, on their eager call, before any capture)."""
     variants = {}
     for variant in backends:
-        graphed = split_variant(variant).graphed
-        variants[variant] = bench.graphed_runner(variant, dtype_name) if graphed else bench.runner(variant, dtype_name)
+        parts = split_variant(variant)
+        if parts.tuned:
+            result = ipmt_fast.tune_backends(bench.module_for(variant), bench.runner(variant, dtype_name))
+            log(f"# {variant}, {bench.name} L={bench.num_layers} {dtype_name}:\n{result.table()}")
+        variants[variant] = (bench.graphed_runner(variant, dtype_name) if parts.graphed
+                             else bench.runner(variant, dtype_name))
     for variant in compile_variants:
         backend, setting = parse_compile_variant(variant)
         variants[variant] = bench.runner(backend, dtype_name, module=bench.compiled(backend, setting))
@@ -449,7 +464,7 @@ def bench_layer_count(bench, backends: List[str], dtype_name: str, compile_varia
         # variants of earlier configurations are not called again: their compiled code is dropped.
         torch._dynamo.reset()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(compile_variants))
-    variants = build_variants(bench, backends, compile_variants, dtype_name)
+    variants = build_variants(bench, backends, compile_variants, dtype_name, log)
     failures: Dict[str, str] = {}
     stats = common.measure_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats,
                                        min_sample_s=args.min_sample_ms / 1e3,

@@ -11,7 +11,8 @@
 #                 torch.compile(reference) in the default and the reduce-overhead mode, and the
 #                 benches' host-bound mode (--regime host, eager and graphs: the compiled variants
 #                 are the stages above);
-#   (c) the rest, as long as time is left: torch.compile(auto), the other CUDA tests, the step with
+#   (c) the rest, as long as time is left: torch.compile(auto), the backends chosen by measurement
+#       at the host-bound shapes, the other CUDA tests, the step with
 #       channels-last maps, the transformer and step over L 1,3,5,8 in bf16 and fp32, max-autotune,
 #       the op benches, the whole suite.
 #
@@ -48,7 +49,7 @@ export PYTHONUNBUFFERED=1
 # (b) 240 s
 : "${T_B4:=80}" "${T_COMPILE:=60}" "${T_COMPILE_RO:=60}" "${T_HOST:=40}"
 # (c) what is left
-: "${T_COMPILE_AUTO:=60}" "${T_CHANNELS_LAST:=60}" "${T_TESTS_CUDA_FIRST:=100}" "${T_SWEEP:=120}" "${T_MAX_AUTOTUNE:=150}"
+: "${T_COMPILE_AUTO:=60}" "${T_HOST_TUNED:=60}" "${T_CHANNELS_LAST:=60}" "${T_TESTS_CUDA_FIRST:=100}" "${T_SWEEP:=120}" "${T_MAX_AUTOTUNE:=150}"
 : "${T_OPS:=80}" "${T_TESTS_CUDA:=100}" "${T_OPS_COMPILE:=80}" "${T_TESTS_ALL:=120}"
 START=$SECONDS
 # Dry run: no time passes, so the latest start of each stage is worked out as if every earlier
@@ -188,6 +189,11 @@ stage b layers-host "$T_HOST" $PY -m benches.layers --regime host --compile-laye
 # ------------------------------------------------------------------------------------------- (c)
 stage c layers-b4-compile-auto "$T_COMPILE_AUTO" "${LAYERS[@]}" --bench transformer \
     --backends reference,auto+graphs --compile-layers 5 --compile-variants "compile(auto)" --tag layers-b4-compile-auto
+# Each op's backend chosen by measurement on this GPU (ipmt_fast.tune_backends; the Triton kernels
+# compile in its warm-up), at the host-bound shapes, against auto's fixed preference: the tables
+# of the choices are in the stage's log.
+stage c layers-host-tuned "$T_HOST_TUNED" $PY -m benches.layers --regime host --compile-layers "" --repeats 5 \
+    --bench transformer --backends reference,auto,auto+tuned --out "$RESULTS" --tag layers-host-tuned
 # The other CUDA tests (every test or parameter named 'cuda'): first the files whose CUDA tests
 # have not all passed on a GPU yet, then the rest.
 FIRST_TESTS=(tests/test_query_activation.py tests/test_deform_sample.py tests/test_deform_attention.py

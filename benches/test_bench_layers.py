@@ -17,10 +17,13 @@ TINY = ["--layers", "1,2", "--image-size", "17", "--width", "16", "--warmup", "1
 
 
 def test_variant_names():
-    assert layers.split_variant("auto") == ("auto", False, False, False)
-    assert layers.split_variant("auto+recompute+graphs") == ("auto", True, True, False)
-    assert layers.split_variant("reference+graphs") == ("reference", False, True, False)
-    assert layers.split_variant("auto+recompute+channels_last") == ("auto", True, False, True)
+    # (backend, recompute, graphed, channels_last, tuned)
+    assert layers.split_variant("auto") == ("auto", False, False, False, False)
+    assert layers.split_variant("auto+recompute+graphs") == ("auto", True, True, False, False)
+    assert layers.split_variant("reference+graphs") == ("reference", False, True, False, False)
+    assert layers.split_variant("auto+recompute+channels_last") == ("auto", True, False, True, False)
+    assert layers.split_variant("auto+channels_last+tuned+graphs") == ("auto", False, True, True, True)
+    assert layers.split_variant("auto+tuned") == ("auto", False, False, False, True)
     assert layers.parse_compile_variant("compile(reference,max-autotune)") == ("reference", "max-autotune")
     assert layers.parse_compile_variant("compile(auto)") == ("auto", None)
     assert layers.parse_compile_variant("auto") is None
@@ -73,6 +76,18 @@ def test_host_regime_sets_its_shapes_and_explicit_options_win():
     assert (args.layers, args.compile_layers, args.image_size, args.batch) == ("2", "", 33, 4)
     args, _ = layers.parse_args(["--device", "cpu"])
     assert (args.image_size, args.width, args.tag, args.threads) == (473, 384, "layers", None)
+
+
+def test_tuned_variant_is_tuned_before_it_is_timed(tmp_path, capsys):
+    """``+tuned``: the variant's model is tuned on its own call before the timed calls, and the
+    measurement is printed with the choices (one table per layer count)."""
+    rows = layers.main(["--bench", "transformer", "--device", "cpu", "--backends", "reference,auto+tuned",
+                        "--out", str(tmp_path), "--no-op-count", *TINY])
+    printed = capsys.readouterr().out
+    assert printed.count("# auto+tuned, transformer L=") == 2
+    assert printed.count("backends by measurement on cpu") == 2
+    assert {(r["num_layers"], r["variant"]) for r in rows if r.get("median_ms")} == \
+        {(n, v) for n in (1, 2) for v in ("reference", "auto+tuned")}
 
 
 @pytest.fixture(scope="module")
