@@ -28,8 +28,8 @@ from .ops import registry
 DEFAULT_ROUNDS = 5
 DEFAULT_CALLS_PER_ROUND = 3
 DEFAULT_WARMUP = 2
-# A candidate replaces the op's current backend only when its median time is at least this
-# fraction lower: a tie within the noise keeps what ``auto`` would have run.
+# A candidate replaces the op's current backend only when it takes at least this fraction less
+# time (the median of its per-round ratios): a tie within the noise keeps what ``auto`` would run.
 DEFAULT_MIN_GAIN = 0.02
 # Backends never tried unless named: the literal published math is the oracle, not a contender.
 EXCLUDED_BY_DEFAULT = ("reference",)
@@ -115,8 +115,9 @@ def tune_backends(model: torch.nn.Module, call: Callable[[], None], *, candidate
     """Choose each op's backend of ``model`` by timing ``call``, and set the model to the choices.
 
     For each op the model calls (``model.ops``, in that order), ``call`` runs with each candidate
-    backend for that op, the ops before it on their choices and those after it as they were; the
-    op keeps its current backend unless a candidate's median time is ``min_gain`` lower. The
+    backend for that op, the ops before it on their choices and those after it as they were,
+    the candidates in turn in every round; the op keeps its current backend unless a candidate's
+    time over the current backend's, round by round, has a median at least ``min_gain`` below 1. The
     model ends with ``model.set_backend(model.backend, choices)``: ``model.backend`` (and with it
     the backbone's folding) is unchanged.
 
@@ -132,7 +133,8 @@ def tune_backends(model: torch.nn.Module, call: Callable[[], None], *, candidate
             model's device, but ``reference``); a name an op lacks is skipped for that op.
         rounds, calls_per_round, warmup: timed rounds per candidate (interleaved), calls per
             round, untimed calls per candidate before them.
-        min_gain: the fraction of time a candidate must save to replace the current backend.
+        min_gain: the fraction of time a candidate must save (median of the per-round ratios) to
+            replace the current backend.
         clock: seconds, monotonic (the device is synchronised before each reading).
         progress: show a progress bar.
 
@@ -186,9 +188,13 @@ def tune_backends(model: torch.nn.Module, call: Callable[[], None], *, candidate
                         samples[name].append(per_call({**choices, op: name}, calls_per_round))
                         bar.update(calls_per_round)
                 timings[op] = {name: statistics.median(times) for name, times in samples.items()}
-                incumbent = timings[op][choices[op]]
-                fastest = min(names, key=timings[op].__getitem__)  # the first of equals: auto's order
-                if timings[op][fastest] < incumbent * (1 - min_gain):
+                # Judged round by round against the current backend (a paired ratio: the machine's
+                # drift between rounds cancels), the first of equals in auto's order.
+                current = samples[choices[op]]
+                ratios = {name: statistics.median(t / c for t, c in zip(times, current))
+                          for name, times in samples.items()}
+                fastest = min(names, key=ratios.__getitem__)
+                if ratios[fastest] < 1 - min_gain:
                     choices[op] = fastest
     except BaseException:
         model.set_backend(backend, before)
