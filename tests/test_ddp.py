@@ -5,11 +5,13 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from compare import assert_close
 
 import ipmt_fast
+from ipmt_fast.model.transformer import MODEL_OPS
 from ipmt_fast.train.config import make_config
 from ipmt_fast.train.trainer import Trainer
 
@@ -23,9 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_step(out_dir, global_batch):
+def one_step(out_dir, global_batch, tune=False):
     """Build the same float64 model (dropout off: ranks draw other masks than one process would),
-    take one training step on the first global batch, return this process's gradients and weights."""
+    take one training step on the first global batch, return this process's gradients and weights
+    (and with ``tune``, the backends the trainer tuned)."""
+    if tune:  # compiled against torch: the Triton interpreter's kernels would take minutes
+        ipmt_fast.tuning.EXCLUDED_BY_DEFAULT = ("reference", "triton")
     torch.manual_seed(0)
     model = ipmt_fast.IPMT(**SMALL, backend="torch").double()
     for module in model.modules():
@@ -33,30 +38,36 @@ def one_step(out_dir, global_batch):
             module.p = 0.0
     cfg = make_config(data="synthetic", train_h=33, val_size=33, reduce_dim=32, num_layers=1,
                       batch_size=global_batch, steps=3, eval=False, workers=0, progress=False, out=str(out_dir),
-                      synthetic_length=8, aux_weight=1.0)
+                      synthetic_length=8, aux_weight=1.0, tune_backends=tune)
     trainer = Trainer(cfg, model=model)
     model.train()
     trainer.sampler.set_epoch(0)
     losses = trainer.train_step(next(iter(trainer.train_loader)))
     return {"loss": losses["loss"],
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "op_backends": model.op_backends, "tuned": trainer.tuning.choices if tune else None}
 
 
-def rank_worker(rank, world_size, port, out_dir):
+def rank_worker(rank, world_size, port, out_dir, tune):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    result = one_step(out_dir, global_batch=2)
+    result = one_step(out_dir, global_batch=2, tune=tune)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path, monkeypatch):
+# Tuned: each rank times its own share of the first batch, and every rank runs rank 0's choices.
+@pytest.mark.parametrize("tune", [False, True], ids=["", "tune-backends"])
+def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path, monkeypatch, tune):
     for name in DIST_ENV:
         monkeypatch.delenv(name, raising=False)
-    mp.spawn(rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(rank_worker, args=(2, free_port(), str(tmp_path), tune), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = one_step(tmp_path / "single", global_batch=2)
+    if tune:
+        assert ranks[0]["op_backends"] == ranks[1]["op_backends"] == ranks[0]["tuned"]
+        assert set(ranks[0]["tuned"]) == set(MODEL_OPS) and set(ranks[0]["tuned"].values()) <= {"compiled", "torch"}
 
     assert ranks[0]["grads"].keys() == single["grads"].keys() == ranks[1]["grads"].keys()
     for name, grad in single["grads"].items():

@@ -320,6 +320,8 @@ class Trainer:
         self.val_data = val_data if val_data is not None or not cfg.eval else build_dataset(cfg, "val")
         seed_everything(cfg.manual_seed)
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
+        # Before anything wraps the model: DDP's hooks, a compiled graph or a captured one.
+        self.tuning: Optional[TuningResult] = self._tune_backends() if cfg.tune_backends else None
         # What evaluation runs: the model, or its compiled graph.
         self.eval_model = compile_model(self.model) if cfg.compile else self.model
         self.net = self.eval_model
@@ -351,7 +353,6 @@ class Trainer:
 
         if cfg.calibrate_backbone and not (cfg.backbone_weights or cfg.weight or cfg.resume or model is not None):
             self._calibrate_backbone()
-        self.tuning: Optional[TuningResult] = self._tune_backends() if cfg.tune_backends else None
 
         self.iteration = 0
         self.best_miou = -math.inf
