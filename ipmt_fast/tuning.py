@@ -141,6 +141,11 @@ def tune_backends(model: torch.nn.Module, call: Callable[[], None], *, candidate
     Returns:
         A :class:`TuningResult` with the choices and the median time of ``call`` per candidate.
     """
+    if not all(hasattr(model, name) for name in ("ops", "op_backends", "set_backend")):
+        raise TypeError(f"model must be an ipmt_fast.IPMT or IPMTransformer (pass the module itself, not one "
+                        f"wrapped in DDP or another module), got {type(model).__name__}")
+    if not callable(call):
+        raise TypeError(f"call must be a function of no arguments, got {type(call).__name__}")
     for name, value in (("rounds", rounds), ("calls_per_round", calls_per_round)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")

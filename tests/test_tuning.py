@@ -208,6 +208,14 @@ def test_bad_arguments_are_refused_by_name(kwargs, match):
         ipmt_fast.tune_backends(model, lambda: None, **kwargs)
 
 
+def test_a_wrapped_model_or_a_bad_call_is_refused_by_name():
+    model = transformer("torch")
+    with pytest.raises(TypeError, match="model must be an ipmt_fast.IPMT or IPMTransformer .*got Sequential"):
+        ipmt_fast.tune_backends(torch.nn.Sequential(model), lambda: None)
+    with pytest.raises(TypeError, match="call must be a function of no arguments, got Tensor"):
+        ipmt_fast.tune_backends(model, torch.zeros(1))
+
+
 def test_per_op_backends_trace_as_one_graph(compiled_extension):
     """A transformer whose ops run different backends traces as one graph, and the traced forward +
     backward (Dynamo + AOT autograd, eager kernels: the same dropout draws) gives eager's results."""
