@@ -5,10 +5,11 @@ import torch
 from compare import assert_close
 
 import ipmt_fast
+from ipmt_fast.constants import OUTPUT_STRIDE
 from ipmt_fast.ops import blocks
 
 DIM, SIZE, LAYERS = 16, 33, 2
-H = (SIZE - 1) // 8 + 1
+H = (SIZE - 1) // OUTPUT_STRIDE + 1
 ATTENTION, FFN, DEFORMABLE, HEAD, UPDATE = (blocks.ATTENTION_BLOCK, blocks.FEED_FORWARD_BLOCK, blocks.DEFORMABLE_BLOCK,
                                             blocks.PREDICTION_HEAD, blocks.QUERY_UPDATE_BLOCK)
 # A mixture of backends, op by op.
