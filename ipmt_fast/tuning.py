@@ -78,11 +78,6 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _current_backend(model, op: str, device: torch.device) -> str:
-    name = registry.resolve_backend_name(op, model.op_backends.get(op, model.backend))
-    return registry.selected_backend(op, name, device)
-
-
 def _candidates(op: str, device: torch.device, wanted: Optional[Sequence[str]], current: str) -> list:
     """The backends tried for ``op``: the named ones (or every available one but the reference)
     that can run here, in ``auto``'s order of preference, the current backend among them."""
@@ -141,7 +136,7 @@ def tune_backends(model: torch.nn.Module, call: Callable[[], None], *, candidate
     Returns:
         A :class:`TuningResult` with the choices and the median time of ``call`` per candidate.
     """
-    if not all(hasattr(model, name) for name in ("ops", "op_backends", "set_backend")):
+    if not all(hasattr(model, name) for name in ("ops", "op_backend", "op_backends", "set_backend")):
         raise TypeError(f"model must be an ipmt_fast.IPMT or IPMTransformer (pass the module itself, not one "
                         f"wrapped in DDP or another module), got {type(model).__name__}")
     if not callable(call):
@@ -160,7 +155,7 @@ def tune_backends(model: torch.nn.Module, call: Callable[[], None], *, candidate
     device = _model_device(model)
     sync = _synchronizer(device)
     backend = model.backend
-    initial = {op: _current_backend(model, op, device) for op in model.ops}
+    initial = {op: registry.selected_backend(op, model.op_backend(op), device) for op in model.ops}
     tried = {op: _candidates(op, device, candidates, initial[op]) for op in model.ops}
     choices: Dict[str, str] = dict(initial)
     timings: Dict[str, Dict[str, float]] = {}

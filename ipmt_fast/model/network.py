@@ -122,6 +122,10 @@ class IPMT(nn.Module):
         """The names of the ops the transformer calls."""
         return self.transformer.ops
 
+    def op_backend(self, op: str) -> str:
+        """The backend name the transformer's ``op`` runs with (see :meth:`set_backend`)."""
+        return self.transformer.op_backend(op)
+
     def set_backend(self, backend: str, op_backends: Optional[Mapping[str, str]] = None) -> "IPMT":
         """Route every op through ``backend`` (same weights, same math): the transformer's ops (those
         named in ``op_backends`` through theirs, see :meth:`IPMTransformer.set_backend`), and the

@@ -363,21 +363,28 @@ class Trainer:
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The model's floating-point dtype (its inputs are cast to it)."""
+        return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+
+    def _first_batch(self, rank: int = 0, world_size: int = 1) -> dict:
+        """The first batch of epoch 0, collated: the global one, or ``rank``'s share of it."""
+        keys = next(iter(EpisodeBatchSampler(len(self.train_data), self.cfg.batch_size, rank, world_size,
+                                             seed=self.cfg.manual_seed)))
+        return collate_episodes([self.train_data[key] for key in keys])
+
     def _calibrate_backbone(self) -> None:
-        # The first global batch of epoch 0 (query and support images): the same on every rank.
-        keys = next(iter(EpisodeBatchSampler(len(self.train_data), self.cfg.batch_size, seed=self.cfg.manual_seed)))
-        batch = collate_episodes([self.train_data[key] for key in keys])
+        # The first global batch (query and support images): the same on every rank.
+        batch = self._first_batch()
         images = torch.cat([batch["image"], batch["support_images"].flatten(0, 1)])
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        calibrate_frozen_batchnorm(self.model.backbone, images.to(self.device, dtype))
+        calibrate_frozen_batchnorm(self.model.backbone, images.to(self.device, self._dtype))
 
     def _tune_backends(self) -> TuningResult:
         """Each op's backend by timing a forward + backward of this rank's share of the first batch
         (before any graph is captured or compiled). Every rank runs rank 0's choices."""
-        keys = next(iter(EpisodeBatchSampler(len(self.train_data), self.cfg.batch_size, self.ctx.rank,
-                                             self.ctx.world_size, seed=self.cfg.manual_seed)))
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        x, s_x, s_y, y = episode_inputs(collate_episodes([self.train_data[key] for key in keys]), self.device, dtype)
+        x, s_x, s_y, y = episode_inputs(self._first_batch(self.ctx.rank, self.ctx.world_size), self.device,
+                                        self._dtype)
 
         def forward_backward():
             self.model.zero_grad(set_to_none=True)
@@ -430,8 +437,7 @@ class Trainer:
 
     def _eager_step(self, batch: dict) -> Dict[str, torch.Tensor]:
         """Forward, backward (through the fp16 scaler when on), clipping, both optimisers' steps."""
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        x, s_x, s_y, y = episode_inputs(batch, self.device, dtype)
+        x, s_x, s_y, y = episode_inputs(batch, self.device, self._dtype)
         with autocast(self.device, self.cfg.amp):
             _, main_loss, aux_loss = self.net(x, s_x, s_y, y)
         loss = main_loss + self.cfg.aux_weight * aux_loss
