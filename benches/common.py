@@ -6,9 +6,10 @@ round (so drift in clocks or background load hits all of them alike), many sampl
 report the median with its spread. On CUDA a sample is bracketed by CUDA events; a sample holds
 enough back-to-back calls to last ``min_sample_s`` so that event resolution does not matter.
 
-Memory: on CUDA the peak allocated bytes of one call above what was allocated before it; on
-every device the bytes of the tensors autograd saves for backward (unique storages, parameters
-and buffers excluded), and on the CPU the process's peak resident set during the call.
+Memory: the peak allocated bytes of one call above what was allocated before it (on CUDA from
+the caching allocator's counters, on the CPU from the profiler's allocation events); on every
+device the bytes of the tensors autograd saves for backward (unique storages, parameters and
+buffers excluded), and on the CPU the process's peak resident set during the call.
 """
 from __future__ import annotations
 
@@ -425,14 +426,52 @@ def peak_rss_bytes() -> int:
     return peak
 
 
-def measure_memory(fn: Callable[[], object], device: torch.device, excluded: Iterable[torch.Tensor] = ()) -> dict:
-    """Run ``fn`` once and report its memory.
+# The name under which :func:`cpu_peak_bytes` marks the call it measures in the profiler's events.
+MEASURED_CALL = "benches.measured_call"
 
-    Keys: ``saved_bytes`` (autograd's saved tensors, see :class:`SavedTensorBytes`); on CUDA
-    ``peak_bytes`` (peak allocated above the allocation before the call); on the CPU
-    ``peak_rss_bytes`` (process peak resident set during the call) and ``rss_rise_bytes`` (that
-    peak above the resident set before the call; the C allocator may reuse memory it already holds,
-    so this is a lower bound).
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes of CPU tensor memory live during one call of ``fn`` above what was live when
+    it started: the CPU twin of CUDA's ``max_memory_allocated()`` after a reset, less
+    ``memory_allocated()`` before the call (tensor bytes as requested, without the C allocator's
+    own overhead). Read from ``torch.profiler``'s allocation events. The profiler sees the size of
+    a freed block only if it saw its allocation, so ``fn`` runs twice under it and the second call
+    is measured: the blocks it frees (last call's gradients, outputs) were allocated in the first.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+        with record_function(MEASURED_CALL):
+            fn()
+    events, allocations, window = list(prof.profiler.kineto_results.experimental_event_tree()), [], None
+    while events:
+        event = events.pop()
+        if event.tag == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+        elif event.name == MEASURED_CALL:
+            window = (event.start_time_ns, event.end_time_ns)
+        events.extend(event.children)
+    if window is None:
+        raise RuntimeError(f"the profiler recorded no {MEASURED_CALL!r} event")
+    live = peak = 0
+    for time_ns, size in sorted(allocations):
+        if window[0] <= time_ns <= window[1]:
+            live += size
+            peak = max(peak, live)
+    return peak
+
+
+def measure_memory(fn: Callable[[], object], device: torch.device, excluded: Iterable[torch.Tensor] = ()) -> dict:
+    """Run ``fn`` and report its memory.
+
+    Keys: ``saved_bytes`` (autograd's saved tensors, see :class:`SavedTensorBytes`);
+    ``peak_bytes``: on CUDA the peak allocated above the allocation before the call, on the CPU
+    the same from the profiler's allocation events (:func:`cpu_peak_bytes`: two more calls);
+    on the CPU also ``peak_rss_bytes`` (process peak resident set during the call) and
+    ``rss_rise_bytes`` (that peak above the resident set before the call; the C allocator may
+    reuse memory it already holds, so this is a lower bound).
     """
     gc.collect()
     synchronize(device)
@@ -453,6 +492,7 @@ def measure_memory(fn: Callable[[], object], device: torch.device, excluded: Ite
         peak = peak_rss_bytes()
         result["peak_rss_bytes"] = peak
         result["rss_rise_bytes"] = max(peak - rss_before, 0) if resettable else None
+        result["peak_bytes"] = cpu_peak_bytes(fn)
     result["saved_bytes"] = saved.nbytes
     gc.collect()
     return result

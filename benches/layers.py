@@ -24,10 +24,12 @@ dtype ``fp32`` runs plain float32; ``bf16`` runs the forward under ``torch.autoc
 (the backward outside it, as recommended). Inputs are random features / images with
 rectangular foreground masks and a band of 255 padding at the bottom of the query label.
 
-Memory per configuration (one extra call after timing): on CUDA the peak allocated bytes above
-what was allocated before the call (``+graphs``: the bytes the graph's private pool reserved,
-which a graphed step holds between replays); everywhere the bytes autograd saved for backward
-(unique storages, parameters and buffers excluded); on the CPU the process's peak resident set.
+Memory per configuration (one extra call after timing, three on the CPU): the peak allocated
+bytes above what was allocated before the call (on CUDA the caching allocator's counters,
+``+graphs``: the bytes the graph's private pool reserved, which a graphed step holds between
+replays; on the CPU the profiler's allocation events, ``common.cpu_peak_bytes``); everywhere the
+bytes autograd saved for backward (unique storages, parameters and buffers excluded); on the CPU
+also the process's peak resident set.
 Host work per configuration (one more untimed call, after the memory one): the ops dispatched
 (``ipmt_fast.instrument.DispatchCounter``; not for compiled variants, whose generated code calls
 kernels directly) and the host syncs among them, and on CUDA the kernels launched (``torch.profiler``).

@@ -35,6 +35,31 @@ def test_saved_bytes_counts_unique_activation_storages():
     assert saved.nbytes == (x.numel() + h.numel() + y.numel()) * element
 
 
+def test_cpu_peak_is_measured_from_the_live_bytes_at_the_call_s_start():
+    """As CUDA's peak above the allocation before the call: blocks the call frees, allocated by its
+    previous call, lower what is live (3.5 MiB kept from call to call, freed, then 4 MiB allocated
+    and freed before the next 3.5 MiB: 0.5 MiB above what was live at the start)."""
+    kept = {}
+
+    def call():
+        kept.clear()  # last call's block
+        temporary = torch.empty(4 * common.MIB, dtype=torch.uint8)
+        del temporary
+        kept["blocks"] = (torch.empty(2 * common.MIB, dtype=torch.uint8),
+                          torch.empty(common.MIB // 2, dtype=torch.uint8))
+        kept["carried"] = torch.empty(common.MIB, dtype=torch.uint8)
+
+    assert common.cpu_peak_bytes(call) == 4 * common.MIB - (2 * common.MIB + common.MIB // 2 + common.MIB)
+    assert common.cpu_peak_bytes(lambda: None) == 0
+    x = torch.randn(256, 256, requires_grad=True)
+    memory = common.measure_memory(lambda: (x * 2).relu().sum().backward(), torch.device("cpu"), excluded=[x])
+    # The product and the ReLU's output beside it; in backward the ReLU's output (saved), its
+    # gradient and the product's: never more than three maps of x's size at once.
+    nbytes = x.numel() * x.element_size()
+    assert 2 * nbytes <= memory["peak_bytes"] < 4 * nbytes
+    assert memory["saved_bytes"] == x.numel() * x.element_size()
+
+
 def test_measure_interleaved_reports_failures():
     failures = {}
 

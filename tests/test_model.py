@@ -89,6 +89,23 @@ def test_gradients_reach_every_used_parameter_and_not_the_backbone():
                 assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
 
 
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_backbone_maps_are_freed_before_the_transformer_runs(backend):
+    """The frozen backbone's three maps (batch and shots together) are read for the query and
+    support features and the prior only: by the time the transformer runs they are gone, so the
+    step's peak (at the end of the forward or in the backward) does not hold them."""
+    import weakref
+
+    model = small_model(num_layers=1).set_backend(backend).train()
+    backbone_maps, alive_at_transformer = [], []
+    model.backbone.register_forward_hook(
+        lambda module, args, maps: backbone_maps.extend(weakref.ref(m) for m in maps))
+    model.transformer.register_forward_pre_hook(
+        lambda module, args: alive_at_transformer.extend(m() is not None for m in backbone_maps))
+    model(*episode(2, 1, 97))
+    assert len(backbone_maps) == 3 and alive_at_transformer == [False, False, False]
+
+
 @pytest.mark.parametrize("case", ["empty_support", "full_support", "all_padding_rows"])
 def test_edge_masks_give_finite_outputs(case):
     model = small_model(shot=2).train()

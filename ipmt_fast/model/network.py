@@ -223,6 +223,9 @@ class IPMT(nn.Module):
 
         prior = self.generate_prior(layer4[:b], layer4[b:].view(b, shot, *layer4.shape[1:]),
                                     support_masks.view(b, shot, 1, h, w))
+        # The backbone's maps are read for the last time above: freed here rather than at return,
+        # they are not part of the step's peak (saved tensors and all, at the end of the forward).
+        del images, layer2, layer3, layer4
         query_feat = self.qry_merge_feat(torch.cat([query_feat, global_prototype.expand(-1, -1, h, w), prior], 1))
         init_out = self.ini_cls(self.merge_res(query_feat) + query_feat)
         init_mask = init_out.max(1)[1]
