@@ -228,9 +228,12 @@ Tensor linear_rows(const Tensor& x_rows, const Tensor& weight, const Tensor& bia
 
 }  // namespace
 
-// Returns (out, value, locations, weights, sampled): value (B, N, heads, D), locations
-// (B, N, heads, 1, P, 2), weights (B, N, heads, 1, P) and sampled (B, N, C) in the dtype of the
-// reference points (at least float32).
+// Returns (out, value, locations, weights, sampled): value (B, N, heads, D) and sampled (B, N, C)
+// in the query's dtype, locations (B, N, heads, 1, P, 2) and weights (B, N, heads, 1, P) in the
+// dtype of the reference points (at least float32). Under autocast the sampling runs on the value
+// widened to the coordinates' dtype and the output projection reads the sampled features narrowed
+// back: kept for backward as the narrow forms (the widening is exact, and the narrowed samples are
+// what the output weight's gradient reads), each takes half the bytes of the wide one.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deformable_self_attention(
     const Tensor& query, const Tensor& values, const Tensor& padding_mask, const Tensor& reference_points,
     const Tensor& offset_normalizer, int64_t height, int64_t width, const Tensor& value_weight,
@@ -242,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deformable_self_attention(
   const Tensor query_rows = as_rows(query);
   Tensor projected = linear_rows(as_rows(values), value_weight, value_bias);
   projected.masked_fill_(padding_mask.view({b * n, 1}), 0);
-  const Tensor value = cast(projected, coordinate).view({b, n, heads, -1});
+  const Tensor value = projected.view({b, n, heads, -1});
   const Tensor offsets = cast(linear_rows(query_rows, offset_weight, offset_bias), coordinate)
                              .view({b, n, heads, 1, points, 2});
   const Tensor logits = cast(linear_rows(query_rows, attention_weight, attention_bias), coordinate)
@@ -254,9 +257,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deformable_self_attention(
       cpu_loops_apply({reference_points, offsets, offset_normalizer})
           ? sampling_locations(reference_points, offsets, offset_normalizer)
           : reference_points.view({1, n, 1, 1, 1, 2}) + offsets / offset_normalizer.view({1, 1, 1, 1, 1, 2});
-  const Tensor sampled = ms_deform_sample(value, {height, width}, locations, weights, fused_coordinate);
-  Tensor out = linear_rows(as_rows(cast(sampled, query.scalar_type())), output_weight, output_bias)
-                   .view({b, n, output_weight.size(0)});
+  const Tensor sampled = cast(ms_deform_sample(cast(value, coordinate), {height, width}, locations, weights,
+                                               fused_coordinate),
+                              query.scalar_type());
+  Tensor out = linear_rows(as_rows(sampled), output_weight, output_bias).view({b, n, output_weight.size(0)});
   return {out, value, locations, weights, sampled};
 }
 
@@ -275,11 +279,12 @@ deformable_self_attention_backward(const Tensor& grad_out, const Tensor& query, 
   const Tensor query_rows = as_rows(query);
   // out = sampled W_out^T + b_out
   const Tensor grad_rows = as_rows(grad_out);
-  const Tensor grad_output_weight = at::mm(swap_last_two(grad_rows), as_rows(cast(sampled, dtype)));
+  const Tensor grad_output_weight = at::mm(swap_last_two(grad_rows), as_rows(sampled));
   const Tensor grad_output_bias = grad_rows.sum(0);
   const Tensor grad_sampled = cast(at::mm(grad_rows, output_weight), coordinate).view({b, n, -1});
   const auto [grad_value, grad_locations, grad_weights] =
-      ms_deform_sample_backward(grad_sampled, value, {height, width}, locations, weights, fused_coordinate);
+      ms_deform_sample_backward(grad_sampled, cast(value, coordinate), {height, width}, locations, weights,
+                                fused_coordinate);
   // weights = softmax over the points of the attention logits
   const Tensor grad_logits = cast(at::_softmax_backward_data(grad_weights.view({b, n, heads, points}),
                                                              weights.view({b, n, heads, points}), -1, coordinate),

@@ -136,9 +136,32 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(layer, [tensors[k].clone().requires_grad_() for k in differentiable])
 
 
+def test_compiled_keeps_the_narrow_value_and_samples_under_autocast():
+    """Under bf16 autocast the compiled layer keeps for backward the value projection and the
+    sampled features as the bf16 projections computed and read them, not widened to the
+    coordinates' float32 (half the bytes); its values and gradients are checked above."""
+    tensors, sizes = make_case(7, 10, init="perturbed", dtype=torch.float32)
+    batch, tokens, channels = tensors["query"].shape
+    leaves = {k: (v.clone().requires_grad_() if k in INPUT_NAMES + PARAMETER_NAMES else v) for k, v in tensors.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            deformable_self_attention(**leaves, **sizes, backend="compiled")
+    # The value (B, N, heads, C / heads) and the samples (B, N, C): the saved outputs of B*N*C.
+    outputs = [t for t in saved if t.numel() == batch * tokens * channels and not t.requires_grad]
+    assert len(outputs) == 2 and all(t.dtype == torch.bfloat16 for t in outputs), [t.dtype for t in outputs]
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["", "bf16-query"])
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_compiled_custom_ops_pass_opcheck(contiguous, either_cpu_paths):
-    tensors, sizes = make_case(5, 6, channels=6, heads=2, points=3, init="perturbed")
+def test_compiled_custom_ops_pass_opcheck(contiguous, narrow, either_cpu_paths):
+    """Also with the projections in bf16 and the coordinates in float32, as autocast calls the op:
+    the fake's saved value and samples in the query's dtype."""
+    tensors, sizes = make_case(5, 6, channels=6, heads=2, points=3, init="perturbed",
+                               dtype=torch.float32 if narrow else torch.float64)
+    if narrow:
+        for name in INPUT_NAMES + PARAMETER_NAMES:
+            tensors[name] = tensors[name].to(torch.bfloat16)
     if not contiguous:
         for name in INPUT_NAMES:
             tensors[name] = tensors[name].transpose(0, 1).contiguous().transpose(0, 1)

@@ -93,9 +93,9 @@ def _compiled_fake(query, values, padding_mask, reference_points, normalizer, he
                    points, fused_coordinate):
     b, n, c = query.shape
     dtype = reference_points.dtype
-    return (query.new_empty(b, n, output_weight.shape[0]), query.new_empty(b, n, heads, c // heads, dtype=dtype),
+    return (query.new_empty(b, n, output_weight.shape[0]), query.new_empty(b, n, heads, c // heads),
             query.new_empty(b, n, heads, 1, points, 2, dtype=dtype), query.new_empty(b, n, heads, 1, points, dtype=dtype),
-            query.new_empty(b, n, c, dtype=dtype))
+            query.new_empty(b, n, c))
 
 
 def _compiled_backward_fake(grad_out, query, values, padding_mask, normalizer, height, width, value_weight,
