@@ -46,11 +46,12 @@ struct Precision {
   }
   at::ScalarType lower_dtype(const Tensor& t) const { return lower(t).scalar_type(); }
 
-  // A layer norm's input: float32 under autocast when `t` is half precision.
-  Tensor norm_input(const Tensor& t) const {
-    const auto dtype = t.scalar_type();
-    return compute && (dtype == at::kHalf || dtype == at::kBFloat16) ? t.to(at::kFloat) : t;
+  // The dtype a layer norm of a `dtype` tensor runs in: float32 under autocast for half precision.
+  at::ScalarType norm_dtype(at::ScalarType dtype) const {
+    return compute && (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
   }
+  // A layer norm's input: `t` in norm_dtype.
+  Tensor norm_input(const Tensor& t) const { return cast(t, norm_dtype(t.scalar_type())); }
 };
 
 // Dropout: 1 / (1 - p) on kept units (nothing is kept when p == 1).
@@ -111,7 +112,8 @@ double mask_logit_threshold(at::ScalarType dtype) {
 }
 
 struct Normed {
-  Tensor out, input, mean, rstd;
+  // source: what backward takes the layer norm's input from (residual_layer_norm).
+  Tensor out, source, mean, rstd;
 };
 
 // LayerNorm over the last dimension, or `x` itself with empty statistics when there is no weight.
@@ -139,9 +141,23 @@ NormGrads layer_norm_backward(const Tensor& grad, const Tensor& input, const Ten
   return {grad_input, grad_weight, grad_bias};
 }
 
+// x + Drop(branch) in the dtype its layer norm runs in.
+Tensor residual_sum(const Tensor& x, const Tensor& branch, const Tensor& keep, double p, const Precision& precision) {
+  return precision.norm_input(x + apply_keep(branch, keep, p));
+}
+
+// Whether a layer norm's `source` (Normed) is the branch rather than the norm's input: a dtype
+// other than the norm's, which the norm's input always has.
+bool source_is_branch(const Tensor& x, const Tensor& source, const Precision& precision) {
+  return present(source) &&
+         source.scalar_type() != precision.norm_dtype(at::promote_types(x.scalar_type(), source.scalar_type()));
+}
+
 // LN(x + Drop(branch)) with the drawn keep mask (x + Drop(branch) without a norm weight, LN(x)
 // without a branch): one row loop each way where it applies (cpu_loops.h), the ATen composition
-// elsewhere.
+// elsewhere. Its `source` for backward is the norm's input, or the branch where that is narrower
+// (autocast: a bf16 branch, a float32 sum): backward then forms the sum again with the same ops
+// from the same values, the same bits from half the bytes kept.
 Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& keep, double p,
                            const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                            const Precision& precision) {
@@ -150,17 +166,23 @@ Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& 
     auto [out, sum, mean, rstd] = residual_norm(x, branch, keep, keep_scale(p), norm_weight, norm_bias, eps);
     return {out, sum, mean, rstd};
   }
-  return layer_norm(branch.defined() ? x + apply_keep(branch, keep, p) : x, weight, bias, eps, precision);
+  if (!branch.defined()) return layer_norm(x, weight, bias, eps, precision);
+  Normed normed = layer_norm(residual_sum(x, branch, keep, p, precision), weight, bias, eps, precision);
+  if (present(normed.source) && branch.scalar_type() != normed.source.scalar_type()) normed.source = branch;
+  return normed;
 }
 
 struct ResidualNormGrads {
   Tensor sum, branch, weight, bias;  // sum: the gradient of x; branch: of the dropped branch
 };
 
-ResidualNormGrads residual_layer_norm_backward(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-                                               const Tensor& rstd, const Tensor& keep, double p,
-                                               const optional<Tensor>& weight, const optional<Tensor>& bias) {
+// The gradients of residual_layer_norm(x, ...) from its `source` and statistics.
+ResidualNormGrads residual_layer_norm_backward(const Tensor& grad_out, const Tensor& x, const Tensor& source,
+                                               const Tensor& mean, const Tensor& rstd, const Tensor& keep, double p,
+                                               const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                               const Precision& precision) {
   const Tensor norm_weight = weight.value_or(Tensor()), norm_bias = bias.value_or(Tensor());
+  const Tensor input = source_is_branch(x, source, precision) ? residual_sum(x, source, keep, p, precision) : source;
   if (cpu_loops_apply({grad_out, input, keep, norm_weight, norm_bias})) {
     auto [grad_sum, grad_branch, grad_weight, grad_bias] =
         residual_norm_backward(grad_out, input, mean, rstd, keep, keep_scale(p), norm_weight, present(norm_bias));
@@ -200,7 +222,7 @@ prototype_attention_block(const Tensor& prototype, const Tensor& tokens, const T
   const Tensor proj_keep = draw_keep(prototype, out.sizes(), dropout_p, train);
   const Normed normed =
       residual_layer_norm(prototype, out, proj_keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
-  return {normed.out, attn_keep, proj_keep, query, query_key, attention, pooled, value, normed.input, normed.mean,
+  return {normed.out, attn_keep, proj_keep, query, query_key, attention, pooled, value, normed.source, normed.mean,
           normed.rstd};
 }
 
@@ -209,11 +231,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> proto
     const Tensor& k_weight, const Tensor& v_weight, const Tensor& proj_weight, const optional<Tensor>& norm_weight,
     const optional<Tensor>& norm_bias, double scale, double dropout_p, optional<at::ScalarType> compute_dtype,
     const Tensor& attn_keep, const Tensor& proj_keep, const Tensor& query, const Tensor& query_key,
-    const Tensor& attention, const Tensor& pooled, const Tensor& value, const Tensor& norm_input,
+    const Tensor& attention, const Tensor& pooled, const Tensor& value, const Tensor& norm_source,
     const Tensor& norm_mean, const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
-  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, proj_keep,
-                                                              dropout_p, norm_weight, norm_bias);
+  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, prototype, norm_source, norm_mean, norm_rstd,
+                                                              proj_keep, dropout_p, norm_weight, norm_bias, precision);
   const Tensor grad_branch = cast(norm.branch, value.scalar_type()).contiguous();
   auto [grad_prototype, grad_tokens, grad_q, grad_k, grad_v, grad_proj] = masked_prototype_attention_backward(
       grad_branch, precision.lower(prototype), precision.lower(tokens), precision.lower(q_weight),
@@ -247,17 +269,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_
                    optional_mask(hidden_keep), present(hidden_keep) ? keep_scale(dropout_p) : 1.0, recompute_hidden);
   const Tensor out_keep = draw_keep(x, out.sizes(), dropout_p, train);
   const Normed normed = residual_layer_norm(x, out, out_keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
-  return {normed.out, hidden_keep, out_keep, hidden, normed.input, normed.mean, normed.rstd};
+  return {normed.out, hidden_keep, out_keep, hidden, normed.source, normed.mean, normed.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_block_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& hidden_weight, const Tensor& output_weight,
     const optional<Tensor>& norm_weight, const optional<Tensor>& norm_bias, double dropout_p,
     optional<at::ScalarType> compute_dtype, const Tensor& hidden_keep, const Tensor& out_keep, const Tensor& hidden,
-    const Tensor& norm_input, const Tensor& norm_mean, const Tensor& norm_rstd) {
+    const Tensor& norm_source, const Tensor& norm_mean, const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
-  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, out_keep,
-                                                              dropout_p, norm_weight, norm_bias);
+  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, x, norm_source, norm_mean, norm_rstd, out_keep,
+                                                              dropout_p, norm_weight, norm_bias, precision);
   const Tensor lower_x = precision.lower(x);
   const Tensor grad_branch = cast(norm.branch, lower_x.scalar_type()).contiguous();
   auto [grad_x, grad_hidden_weight, grad_output_weight] =
@@ -363,9 +385,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prediction_he
   Tensor grad_rows = grad_embedding + as_dtype_of(grad_normed, embedding);
   // Both heads' rows are LN(P): their gradients add up before the norm's backward.
   if (two_heads) grad_rows = head_rows(grad_rows, 0, batch) + head_rows(grad_rows, 1, batch);
-  const ResidualNormGrads norm = residual_layer_norm_backward(grad_rows.contiguous(), precision.norm_input(prototype),
-                                                              norm_mean, norm_rstd, Tensor(), 0.0, norm_weight,
-                                                              norm_bias);
+  const ResidualNormGrads norm =
+      residual_layer_norm_backward(grad_rows.contiguous(), prototype, precision.norm_input(prototype), norm_mean,
+                                   norm_rstd, Tensor(), 0.0, norm_weight, norm_bias, precision);
   return {as_dtype_of(norm.sum, prototype),
           as_dtype_of(grad_head_tokens[0], tokens),
           optional_grad(two_heads ? grad_head_tokens[1] : Tensor(), second_tokens, grad_logits),
@@ -398,7 +420,7 @@ deformable_self_attention_block(const Tensor& tokens, const Tensor& pos, const T
       precision.lower(output_weight), precision.lower(output_bias), heads, points, fused_coordinate);
   const Tensor keep = draw_keep(tokens, out.sizes(), dropout_p, train);
   const Normed normed = residual_layer_norm(tokens, out, keep, dropout_p, norm_weight, norm_bias, norm_eps, precision);
-  return {normed.out, value, locations, weights, sampled, keep, normed.input, normed.mean, normed.rstd};
+  return {normed.out, value, locations, weights, sampled, keep, normed.source, normed.mean, normed.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -409,11 +431,11 @@ deformable_self_attention_block_backward(
     const Tensor& attention_bias, const Tensor& output_weight, const Tensor& output_bias, int64_t heads,
     int64_t points, bool fused_coordinate, const Tensor& norm_weight, const Tensor& norm_bias, double dropout_p,
     optional<at::ScalarType> compute_dtype, const Tensor& value, const Tensor& locations, const Tensor& weights,
-    const Tensor& sampled, const Tensor& keep, const Tensor& norm_input, const Tensor& norm_mean,
+    const Tensor& sampled, const Tensor& keep, const Tensor& norm_source, const Tensor& norm_mean,
     const Tensor& norm_rstd) {
   const Precision precision{compute_dtype};
-  const ResidualNormGrads norm =
-      residual_layer_norm_backward(grad_out, norm_input, norm_mean, norm_rstd, keep, dropout_p, norm_weight, norm_bias);
+  const ResidualNormGrads norm = residual_layer_norm_backward(grad_out, tokens, norm_source, norm_mean, norm_rstd, keep,
+                                                              dropout_p, norm_weight, norm_bias, precision);
   const Tensor lower_query = precision.lower(tokens + pos);
   const Tensor grad_branch = cast(norm.branch, lower_query.scalar_type()).contiguous();
   auto grads = deformable_self_attention_backward(

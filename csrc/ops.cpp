@@ -107,22 +107,22 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor k_weight, Tensor v_weight, Tensor proj_weight, Tensor? norm_weight, Tensor? norm_bias, "
         "float norm_eps, float scale, float masked_bias, float dropout_p, bool train, "
         "ScalarType? compute_dtype=None) -> (Tensor out, Tensor attn_keep, Tensor proj_keep, Tensor query, "
-        "Tensor query_key, Tensor attention, Tensor pooled, Tensor value, Tensor norm_input, Tensor norm_mean, "
+        "Tensor query_key, Tensor attention, Tensor pooled, Tensor value, Tensor norm_source, Tensor norm_mean, "
         "Tensor norm_rstd)", seeded);
   m.def("prototype_attention_block_backward(Tensor grad_out, Tensor prototype, Tensor tokens, Tensor q_weight, "
         "Tensor k_weight, Tensor v_weight, Tensor proj_weight, Tensor? norm_weight, Tensor? norm_bias, float scale, "
         "float dropout_p, ScalarType? compute_dtype, Tensor attn_keep, Tensor proj_keep, Tensor query, "
-        "Tensor query_key, Tensor attention, Tensor pooled, Tensor value, Tensor norm_input, Tensor norm_mean, "
+        "Tensor query_key, Tensor attention, Tensor pooled, Tensor value, Tensor norm_source, Tensor norm_mean, "
         "Tensor norm_rstd) -> (Tensor grad_prototype, Tensor grad_tokens, Tensor grad_q_weight, "
         "Tensor grad_k_weight, Tensor grad_v_weight, Tensor grad_proj_weight, Tensor grad_norm_weight, "
         "Tensor grad_norm_bias)");
   m.def("feed_forward_block(Tensor x, Tensor hidden_weight, Tensor output_weight, Tensor? norm_weight, "
         "Tensor? norm_bias, float norm_eps, float dropout_p, bool train, bool recompute_hidden, "
         "ScalarType? compute_dtype=None) -> (Tensor out, Tensor hidden_keep, Tensor out_keep, Tensor hidden, "
-        "Tensor norm_input, Tensor norm_mean, Tensor norm_rstd)", seeded);
+        "Tensor norm_source, Tensor norm_mean, Tensor norm_rstd)", seeded);
   m.def("feed_forward_block_backward(Tensor grad_out, Tensor x, Tensor hidden_weight, Tensor output_weight, "
         "Tensor? norm_weight, Tensor? norm_bias, float dropout_p, ScalarType? compute_dtype, Tensor hidden_keep, "
-        "Tensor out_keep, Tensor hidden, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd) "
+        "Tensor out_keep, Tensor hidden, Tensor norm_source, Tensor norm_mean, Tensor norm_rstd) "
         "-> (Tensor grad_x, Tensor grad_hidden_weight, Tensor grad_output_weight, Tensor grad_norm_weight, "
         "Tensor grad_norm_bias)");
   m.def("prediction_head(Tensor prototype, Tensor tokens, Tensor? second_tokens, Tensor norm_weight, "
@@ -142,7 +142,7 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor output_weight, Tensor output_bias, int heads, int points, bool fused_coordinate, "
         "Tensor norm_weight, Tensor norm_bias, float norm_eps, float dropout_p, bool train, "
         "ScalarType? compute_dtype=None) -> (Tensor out, Tensor value, Tensor locations, "
-        "Tensor weights, Tensor sampled, Tensor keep, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd)",
+        "Tensor weights, Tensor sampled, Tensor keep, Tensor norm_source, Tensor norm_mean, Tensor norm_rstd)",
         seeded);
   m.def("deformable_self_attention_block_backward(Tensor grad_out, Tensor tokens, Tensor pos, "
         "Tensor padding_mask, Tensor offset_normalizer, int height, int width, Tensor value_weight, "
@@ -150,7 +150,7 @@ TORCH_LIBRARY(ipmt_fast, m) {
         "Tensor attention_bias, Tensor output_weight, Tensor output_bias, int heads, int points, "
         "bool fused_coordinate, Tensor norm_weight, Tensor norm_bias, float dropout_p, "
         "ScalarType? compute_dtype, Tensor value, Tensor locations, Tensor weights, Tensor sampled, "
-        "Tensor keep, Tensor norm_input, Tensor norm_mean, Tensor norm_rstd) -> (Tensor grad_tokens, "
+        "Tensor keep, Tensor norm_source, Tensor norm_mean, Tensor norm_rstd) -> (Tensor grad_tokens, "
         "Tensor grad_pos, Tensor grad_value_weight, Tensor grad_value_bias, Tensor grad_offset_weight, "
         "Tensor grad_offset_bias, Tensor grad_attention_weight, Tensor grad_attention_bias, "
         "Tensor grad_output_weight, Tensor grad_output_bias, Tensor grad_norm_weight, Tensor grad_norm_bias)");

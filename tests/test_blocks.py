@@ -461,6 +461,42 @@ def test_compiled_op_passes_opcheck(op, options, dtype, either_cpu_paths):
     torch.library.opcheck(backward, [cotangent] + [names[a.name] for a in backward._schema.arguments[1:]])
 
 
+# The blocks with a residual layer norm: the residual's input and the branch's dropout mask.
+RESIDUAL_INPUT = {blocks.ATTENTION_BLOCK: ("prototype", "proj_keep"), blocks.FEED_FORWARD_BLOCK: ("x", "out_keep"),
+                  blocks.DEFORMABLE_BLOCK: ("tokens", "keep")}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compiled_op_passes_opcheck_in_bf16_compute(op, compiled_extension):
+    """As autocast calls them (float32 tensors, products in bf16: ``compute_dtype``), in train
+    mode: the fakes' outputs (a block keeps its bf16 branch for the layer norm's backward, not the
+    float32 sum) match the real ones', forward and backward."""
+    case = make_case(op, torch.float32)
+    forward = getattr(torch.ops.ipmt_fast, op).default
+    args = op_arguments(case, train=True, dropout_p=DROPOUT_P)
+    torch.library.opcheck(forward, args, {"compute_dtype": torch.bfloat16},
+                          test_utils=("test_schema", "test_faketensor"))
+    outputs = forward(*args, compute_dtype=torch.bfloat16)
+    names = {a.name: v for a, v in zip(forward._schema.arguments, args)}
+    names.update({r.name: v for r, v in zip(forward._schema.returns, outputs)})
+    names["compute_dtype"] = torch.bfloat16
+    backward = getattr(torch.ops.ipmt_fast, f"{op}_backward").default
+    cotangent = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(3), dtype=outputs[0].dtype)
+    backward_args = [cotangent] + [names[a.name] for a in backward._schema.arguments[1:]]
+    torch.library.opcheck(backward, backward_args, test_utils=("test_schema", "test_faketensor"))
+    if op in RESIDUAL_INPUT:
+        # The narrow branch, not the float32 sum it rebuilds: the same gradients, bit for bit, as
+        # from that sum formed as the forward formed it (x + the branch's dropout, type-promoted).
+        residual, keep = (names[name] for name in RESIDUAL_INPUT[op])
+        branch = names["norm_source"]
+        assert branch.dtype == torch.bfloat16 and residual.dtype == torch.float32
+        norm_input = residual + torch.ops.aten.native_dropout_backward(branch, keep, 1 / (1 - DROPOUT_P))
+        sources = [a.name == "norm_source" for a in backward._schema.arguments]
+        from_sum = backward(*[norm_input if is_source else a for a, is_source in zip(backward_args, sources)])
+        for got, want in zip(backward(*backward_args), from_sum):
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("op, options", OP_CASES)
 def test_torch_compile_fullgraph_matches_eager(op, options, compiled_extension):
     """One compiled block op traced forward and backward as one graph (``aot_eager``: Dynamo and

@@ -178,6 +178,15 @@ def _norm_fake(x, weight, bias, eps, compute_dtype):
     return out, x, mean, rstd
 
 
+def _residual_norm_fake(x, branch, weight, bias, eps, compute_dtype):
+    """``(out, source, mean, rstd)`` of the C++ ``residual_layer_norm``: the source for backward is
+    the branch where it is narrower than the norm's input (bf16 under autocast), else that input."""
+    out, source, mean, rstd = _norm_fake(x + branch, weight, bias, eps, compute_dtype)
+    if weight is not None and branch.dtype != source.dtype:
+        source = torch.empty_like(branch)
+    return out, source, mean, rstd
+
+
 def _norm_grads_fake(grad_out, norm_weight, norm_bias):
     if norm_weight is None:
         return grad_out.new_empty(0), grad_out.new_empty(0)
@@ -193,13 +202,14 @@ def _attention_block_fake(prototype, tokens, token_mask, q_weight, k_weight, v_w
                                                      attn_keep if _dropping(dropout_p, train) else None, scale,
                                                      masked_bias)
     proj_keep = _keep_fake(prototype, (b, m, c), dropout_p, train)
-    normed, norm_input, mean, rstd = _norm_fake(prototype + out, norm_weight, norm_bias, norm_eps, compute_dtype)
-    return (normed, attn_keep, proj_keep, *saved, norm_input, mean, rstd)
+    normed, norm_source, mean, rstd = _residual_norm_fake(prototype, out, norm_weight, norm_bias, norm_eps,
+                                                          compute_dtype)
+    return (normed, attn_keep, proj_keep, *saved, norm_source, mean, rstd)
 
 
 def _attention_block_backward_fake(grad_out, prototype, tokens, q_weight, k_weight, v_weight, proj_weight,
                                    norm_weight, norm_bias, scale, dropout_p, compute_dtype, attn_keep, proj_keep, query,
-                                   query_key, attention, pooled, value, norm_input, norm_mean, norm_rstd):
+                                   query_key, attention, pooled, value, norm_source, norm_mean, norm_rstd):
     return (*contiguous_like(prototype, tokens, q_weight, k_weight, v_weight, proj_weight),
             *_norm_grads_fake(grad_out, norm_weight, norm_bias))
 
@@ -211,12 +221,12 @@ def _feed_forward_block_fake(x, hidden_weight, output_weight, norm_weight, norm_
     out, hidden = ffn._compiled_fake(*lowered, hidden_keep if _dropping(dropout_p, train) else None, 1.0,
                                      recompute_hidden)
     out_keep = _keep_fake(x, out.shape, dropout_p, train)
-    normed, norm_input, mean, rstd = _norm_fake(x + out, norm_weight, norm_bias, norm_eps, compute_dtype)
-    return normed, hidden_keep, out_keep, hidden, norm_input, mean, rstd
+    normed, norm_source, mean, rstd = _residual_norm_fake(x, out, norm_weight, norm_bias, norm_eps, compute_dtype)
+    return normed, hidden_keep, out_keep, hidden, norm_source, mean, rstd
 
 
 def _feed_forward_block_backward_fake(grad_out, x, hidden_weight, output_weight, norm_weight, norm_bias, dropout_p,
-                                      compute_dtype, hidden_keep, out_keep, hidden, norm_input, norm_mean, norm_rstd):
+                                      compute_dtype, hidden_keep, out_keep, hidden, norm_source, norm_mean, norm_rstd):
     return (*contiguous_like(x, hidden_weight, output_weight), *_norm_grads_fake(grad_out, norm_weight, norm_bias))
 
 
@@ -257,14 +267,14 @@ def _deformable_block_fake(tokens, pos, padding_mask, reference_points, offset_n
                                                   padding_mask, reference_points, offset_normalizer, height, width,
                                                   *weights, heads, points, fused_coordinate)
     keep = _keep_fake(tokens, out.shape, dropout_p, train)
-    normed, norm_input, mean, rstd = _norm_fake(tokens + out, norm_weight, norm_bias, norm_eps, compute_dtype)
-    return (normed, *saved, keep, norm_input, mean, rstd)
+    normed, norm_source, mean, rstd = _residual_norm_fake(tokens, out, norm_weight, norm_bias, norm_eps, compute_dtype)
+    return (normed, *saved, keep, norm_source, mean, rstd)
 
 
 def _deformable_block_backward_fake(grad_out, tokens, pos, padding_mask, offset_normalizer, height, width, value_weight,
                                     value_bias, offset_weight, offset_bias, attention_weight, attention_bias,
                                     output_weight, output_bias, heads, points, fused_coordinate, norm_weight, norm_bias,
-                                    dropout_p, compute_dtype, value, locations, weights, sampled, keep, norm_input,
+                                    dropout_p, compute_dtype, value, locations, weights, sampled, keep, norm_source,
                                     norm_mean, norm_rstd):
     return contiguous_like(tokens, pos, value_weight, value_bias, offset_weight, offset_bias, attention_weight,
                            attention_bias, output_weight, output_bias, norm_weight, norm_bias)
