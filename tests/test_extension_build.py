@@ -6,11 +6,13 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils import cpp_extension
 
+import ipmt_fast
 from ipmt_fast.ops import extension
 
 # Runs in a fresh interpreter (the build result is cached per process) and prints what it saw.
@@ -60,6 +62,8 @@ def test_missing_ninja_is_named(tmp_path):
 def test_sources_are_found_and_the_build_is_cached():
     assert all((extension.source_dir() / name).is_file()
                for name in extension.CPU_SOURCES + extension.CUDA_SOURCES + extension.HEADERS)
+    # Those of the checkout the package came from (not an editable install's, if that is another).
+    assert extension.source_dir() == Path(ipmt_fast.__file__).resolve().parents[1] / "csrc"
     if extension.build_tools_reason() is not None:
         pytest.skip(extension.build_tools_reason())
     assert extension.unavailable_reason("cpu") is None

@@ -70,7 +70,13 @@ class ExtensionUnavailableError(RuntimeError):
 
 
 def source_dir() -> Path:
-    """The directory holding the C++/CUDA sources: package ``ipmt_fast.csrc`` (the checkout's ``csrc/``)."""
+    """The directory holding the C++/CUDA sources: the ``csrc/`` of the checkout this package was
+    imported from, else package ``ipmt_fast.csrc`` (an installed wheel). The checkout comes first:
+    an editable install maps ``ipmt_fast.csrc`` to its own checkout, which another checkout on
+    ``PYTHONPATH`` would otherwise build in place of its own sources."""
+    checkout = Path(__file__).resolve().parents[2] / "csrc"
+    if (checkout / CPU_SOURCES[0]).is_file():
+        return checkout
     try:
         import ipmt_fast.csrc as package
 
@@ -79,7 +85,7 @@ def source_dir() -> Path:
                 return Path(location)
     except ImportError:
         pass
-    return Path(__file__).resolve().parents[2] / "csrc"
+    return checkout
 
 
 def cuda_toolkit_reason() -> Optional[str]:
