@@ -1,4 +1,5 @@
 """Data parallelism on the CPU: two gloo processes on loopback against one process."""
+import functools
 import json
 import os
 import socket
@@ -13,9 +14,11 @@ from compare import assert_close
 import ipmt_fast
 from ipmt_fast.model.transformer import MODEL_OPS
 from ipmt_fast.train.config import make_config
+from ipmt_fast.train import trainer as trainer_module
 from ipmt_fast.train.trainer import Trainer
 
 SMALL = dict(layers=50, shot=1, reduce_dim=32, num_layers=1)
+QUICK_TUNING = dict(rounds=1, calls_per_round=1, warmup=1)
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -29,8 +32,10 @@ def one_step(out_dir, global_batch, tune=False):
     """Build the same float64 model (dropout off: ranks draw other masks than one process would),
     take one training step on the first global batch, return this process's gradients and weights
     (and with ``tune``, the backends the trainer tuned)."""
-    if tune:  # compiled against torch: the Triton interpreter's kernels would take minutes
+    if tune:  # compiled against torch (the Triton interpreter's kernels would take minutes), one
+        # timed call each: what is checked is which choices the ranks run, not how well they time.
         ipmt_fast.tuning.EXCLUDED_BY_DEFAULT = ("reference", "triton")
+        trainer_module.tune_backends = functools.partial(ipmt_fast.tune_backends, **QUICK_TUNING)
     torch.manual_seed(0)
     model = ipmt_fast.IPMT(**SMALL, backend="torch").double()
     for module in model.modules():
