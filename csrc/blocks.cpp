@@ -146,11 +146,11 @@ Tensor residual_sum(const Tensor& x, const Tensor& branch, const Tensor& keep, d
   return precision.norm_input(x + apply_keep(branch, keep, p));
 }
 
-// Whether a layer norm's `source` (Normed) is the branch rather than the norm's input: a dtype
-// other than the norm's, which the norm's input always has.
-bool source_is_branch(const Tensor& x, const Tensor& source, const Precision& precision) {
-  return present(source) &&
-         source.scalar_type() != precision.norm_dtype(at::promote_types(x.scalar_type(), source.scalar_type()));
+// Whether `t`, x's residual branch or the source kept for its layer norm (Normed), has a dtype
+// other than the norm's: the branch is then kept in place of the norm's input, which always has
+// the norm's dtype (so backward tells the two apart by this same test).
+bool narrower_than_norm(const Tensor& x, const Tensor& t, const Precision& precision) {
+  return present(t) && t.scalar_type() != precision.norm_dtype(at::promote_types(x.scalar_type(), t.scalar_type()));
 }
 
 // LN(x + Drop(branch)) with the drawn keep mask (x + Drop(branch) without a norm weight, LN(x)
@@ -168,7 +168,7 @@ Normed residual_layer_norm(const Tensor& x, const Tensor& branch, const Tensor& 
   }
   if (!branch.defined()) return layer_norm(x, weight, bias, eps, precision);
   Normed normed = layer_norm(residual_sum(x, branch, keep, p, precision), weight, bias, eps, precision);
-  if (present(normed.source) && branch.scalar_type() != normed.source.scalar_type()) normed.source = branch;
+  if (present(normed.source) && narrower_than_norm(x, branch, precision)) normed.source = branch;
   return normed;
 }
 
@@ -182,7 +182,7 @@ ResidualNormGrads residual_layer_norm_backward(const Tensor& grad_out, const Ten
                                                const optional<Tensor>& weight, const optional<Tensor>& bias,
                                                const Precision& precision) {
   const Tensor norm_weight = weight.value_or(Tensor()), norm_bias = bias.value_or(Tensor());
-  const Tensor input = source_is_branch(x, source, precision) ? residual_sum(x, source, keep, p, precision) : source;
+  const Tensor input = narrower_than_norm(x, source, precision) ? residual_sum(x, source, keep, p, precision) : source;
   if (cpu_loops_apply({grad_out, input, keep, norm_weight, norm_bias})) {
     auto [grad_sum, grad_branch, grad_weight, grad_bias] =
         residual_norm_backward(grad_out, input, mean, rstd, keep, keep_scale(p), norm_weight, present(norm_bias));
